@@ -1,0 +1,591 @@
+"""Typed run configuration: frozen dataclasses, YAML deltas, dotted overrides, validation.
+
+The dataclasses below are the single source of defaults; the defaults *are* the quick start
+(a tiny GPT on the built-in corpus), so `plm-jax pretrain` with no arguments needs no file.
+A YAML file holds only differences, and CLI arguments `section.key=value` override both.
+Resolution order, later wins: dataclass defaults < model preset < YAML file < CLI overrides.
+
+`validate()` checks the cross-field constraints that need no devices; `validate_for_devices()`
+the ones that depend on the device count (mesh sizes, batch divisibility). Neither touches jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from plm_jax.errors import ConfigError
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TaskConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "MODEL_PRESETS",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+    "validate",
+    "validate_for_devices",
+]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "quickstart"
+    dir: str = ""  # "" means runs/<name>
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "tiny"
+    family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
+    vocab_size: int = 0  # 0: take the tokenizer's vocabulary size
+    num_layers: int = 2
+    embed_dim: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: same as num_heads (multi-head); 1: multi-query; else grouped
+    head_dim: int = 0  # 0: embed_dim // num_heads
+    mlp_dim: int = 0  # 0: 4 * embed_dim
+    max_seq_len: int = 128
+    position: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attention: Literal["xla", "cudnn"] = "xla"
+    use_scan_layers: bool = False
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+# Published shapes. A preset fills the model section before the YAML file and the overrides,
+# so `model.preset=gpt2-124m model.num_layers=6` is a 6-layer GPT-2.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "gpt2-124m": dict(
+        vocab_size=50257, num_layers=12, embed_dim=768, num_heads=12, max_seq_len=1024,
+        position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True,
+    ),
+    "gpt2-350m": dict(
+        vocab_size=50257, num_layers=24, embed_dim=1024, num_heads=16, max_seq_len=1024,
+        position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True,
+    ),
+    # Llama 3.2 1B: GQA with 8 kv heads, tied embeddings, RoPE theta 500k.
+    "llama-1b": dict(
+        vocab_size=128256, num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8,
+        head_dim=64, mlp_dim=8192, max_seq_len=2048, position="rope", rope_theta=500000.0,
+        norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", use_bias=False, tie_embeddings=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: str = ""  # "" trains a SentencePiece model on data.source into <run.dir>/tokenizer
+    vocab_size: int = 4096
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    byte_fallback: bool = True
+    character_coverage: float = 0.9995
+    pad_piece: str = "<pad>"
+    unk_piece: str = "<unk>"
+    bos_piece: str = "<s>"
+    eos_piece: str = "</s>"
+    mask_piece: str = "<mask>"  # "" for no mask token
+    user_defined_symbols: list[str] = field(default_factory=list)
+    max_train_bytes: int = 200_000_000  # text sampled for training; the rest is not read
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str | list[str] = "builtin:python-stdlib"
+    format: Literal["auto", "text", "jsonl"] = "auto"  # auto: by file extension
+    text_field: str = "text"
+    doc_split: Literal["blank_line", "file", "line"] = "blank_line"
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    eval_fraction: float = 0.02  # documents held out for evaluation, chosen by content hash
+    add_bos: bool = True
+    cache_dir: str = ""  # "" means $PLM_JAX_CACHE or ~/.cache/plm_jax
+    tokenize_threads: int = 0  # 0: all cores
+    shard_tokens: int = 1 << 26  # tokens per on-disk shard
+    loader_threads: int = 2
+    prefetch: int = 4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global, in sequences
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+
+
+# Logical axis -> mesh axes. Weights use embed/mlp/heads/...; activations use act_*; FSDP shards
+# weights on `embed` while activations stay sharded on the batch.
+DEFAULT_AXIS_RULES: dict[str, Any] = {
+    "act_batch": ["data", "fsdp"],
+    "act_seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "vocab": "tensor",
+    "layers": None,
+}
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices left over by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    rules: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AXIS_RULES))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save_every: int = 250
+    keep: int = 3
+    use_async: bool = True
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: Literal["", "classification", "qa", "translation"] = ""
+    train_file: str = ""
+    eval_file: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    init_from: str = ""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or f"runs/{self.run.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> nested dict -> typed dataclasses.
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolves a config from defaults, an optional YAML delta and `key=value` overrides.
+
+    Args:
+      path: YAML file holding differences from the defaults, or None for the quick start.
+      overrides: dotted `section.key=value` strings; values are parsed as YAML scalars/lists.
+
+    Returns:
+      The validated `Config`.
+
+    Raises:
+      ConfigError: unreadable file, unknown key, wrong type, or a failed cross-field check.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+        raw.setdefault("run", {})
+        if isinstance(raw["run"], dict):
+            raw["run"].setdefault("name", Path(path).stem)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = config_from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Builds a `Config` from a nested dict of differences (no validation beyond types)."""
+    raw = _copy_nested(raw)
+    model_raw = raw.get("model", {})
+    if not isinstance(model_raw, dict):
+        raise ConfigError(f"'model' must be a mapping of model settings, got {model_raw!r}")
+    preset = model_raw.get("preset", ModelConfig.preset)
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(
+            f"model.preset={preset!r} is not a known preset; choose one of "
+            f"{sorted(MODEL_PRESETS)}{_suggest(str(preset), list(MODEL_PRESETS))}"
+        )
+    raw["model"] = {**MODEL_PRESETS[preset], **model_raw}
+    return _build(Config, raw, prefix="")
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """The resolved config as plain YAML-safe data (nested dicts, lists, scalars)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple):
+        return [config_to_dict(v) for v in cfg]
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Writes the fully resolved config as YAML (readable back by `load_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every valid dotted key, e.g. `train.steps`; used for typo suggestions and docs."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += all_keys(hints[f.name], key + ".")
+        else:
+            keys.append(key)
+    return keys
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = " ".join(str(e).split())
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of sections "
+            f"(run, model, data, ...), got {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(c.isspace() for c in key):
+        raise ConfigError(
+            f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)"
+        )
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text  # not YAML: keep the raw string, the type check decides
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _copy_nested(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _copy_nested(v) for k, v in raw.items()}
+    return raw
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}; "
+            f"write it as a YAML section or use {prefix}KEY=VALUE"
+        )
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            full = prefix + _first_leaf(key, raw[key])
+            hint = _suggest(full, all_keys())
+            if hint:
+                raise ConfigError(f"unknown config key {full!r}{hint}")
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(
+                f"unknown config key {full!r}; valid keys under {where} are {sorted(names)}"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[f.name] = _build(kind, raw[f.name], prefix + f.name + ".")
+        else:
+            kwargs[f.name] = _coerce(prefix + f.name, raw[f.name], kind)
+    return cls(**kwargs)
+
+
+def _first_leaf(key: Any, value: Any) -> str:
+    """`not.a.key` for {'not': {'a': {'key': 1}}}, so errors name what the user wrote."""
+    while isinstance(value, dict) and len(value) == 1:
+        (child, value), = value.items()
+        key = f"{key}.{child}"
+    return str(key)
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Checks `value` against the annotation `kind`, converting only lossless spellings."""
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ConfigError(
+                f"{key}={value!r} is not allowed; choose one of {list(choices)}"
+                f"{_suggest(str(value), [str(c) for c in choices])}"
+            )
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(kind):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(kind)}")
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str) and item is str and kind is not str:
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[a,b]")
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[a,b]")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        return {str(k): v for k, v in value.items()}
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    raise TypeError(f"config field {key} has an unsupported annotation {kind!r}")
+
+
+def _type_name(kind: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(kind)) or str(kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def validate(cfg: Config) -> None:
+    """Checks every cross-field constraint that needs no devices.
+
+    Raises:
+      ConfigError: naming the keys, their values and what to change.
+    """
+    m, t, d, tok = cfg.model, cfg.train, cfg.data, cfg.tokenizer
+    positive = {
+        "model.num_layers": m.num_layers, "model.embed_dim": m.embed_dim,
+        "model.num_heads": m.num_heads, "model.max_seq_len": m.max_seq_len,
+        "train.steps": t.steps, "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+        "train.eval_every": t.eval_every, "checkpoint.save_every": cfg.checkpoint.save_every,
+        "checkpoint.keep": cfg.checkpoint.keep, "data.shard_tokens": d.shard_tokens,
+        "data.loader_threads": d.loader_threads, "data.prefetch": d.prefetch,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    non_negative = {
+        "model.vocab_size": m.vocab_size, "model.num_kv_heads": m.num_kv_heads,
+        "model.head_dim": m.head_dim, "model.mlp_dim": m.mlp_dim,
+        "train.warmup_steps": t.warmup_steps, "train.eval_batches": t.eval_batches,
+        "data.tokenize_threads": d.tokenize_threads, "run.seed": cfg.run.seed,
+        "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr={t.lr} must be positive")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    if t.warmup_steps >= t.steps:
+        raise ConfigError(
+            f"train.warmup_steps={t.warmup_steps} must be smaller than train.steps={t.steps}; "
+            "lower the warmup or train longer"
+        )
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}; "
+            "each micro-batch holds batch_size / grad_accum sequences"
+        )
+    kv_heads = m.num_kv_heads or m.num_heads
+    if m.num_heads % kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={kv_heads}; "
+            "each kv head serves a whole group of query heads"
+        )
+    if not m.head_dim and m.embed_dim % m.num_heads:
+        raise ConfigError(
+            f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}; "
+            "set model.head_dim explicitly or pick a dividing head count"
+        )
+    if m.position == "rope" and (m.head_dim or m.embed_dim // m.num_heads) % 2:
+        raise ConfigError("RoPE rotates pairs of channels: the head dimension must be even")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+    if not d.source:
+        raise ConfigError("data.source is empty; give a path, a glob, a list, or builtin:python-stdlib")
+    if tok.vocab_size < 16 and not tok.path:
+        raise ConfigError(f"tokenizer.vocab_size={tok.vocab_size} is too small; use at least 16")
+    if not 0.0 < tok.character_coverage <= 1.0:
+        raise ConfigError(f"tokenizer.character_coverage={tok.character_coverage} must be in (0, 1]")
+    specials = [tok.pad_piece, tok.unk_piece, tok.bos_piece, tok.eos_piece]
+    if any(not s for s in specials):
+        raise ConfigError("tokenizer pad/unk/bos/eos pieces must be non-empty strings")
+    named = [*specials, *([tok.mask_piece] if tok.mask_piece else [])]
+    if len(set(named)) != len(named):
+        raise ConfigError(f"tokenizer special pieces must be distinct, got {named}")
+    _validate_rules(cfg.mesh)
+
+
+_MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _validate_rules(mesh: MeshConfig) -> None:
+    for name, target in mesh.rules.items():
+        axes = target if isinstance(target, list | tuple) else [target]
+        for axis in axes:
+            if axis is not None and axis not in _MESH_AXES:
+                raise ConfigError(
+                    f"mesh.rules.{name}={target!r} names an unknown mesh axis; "
+                    f"use null or one of {list(_MESH_AXES)}"
+                )
+    for size_key in _MESH_AXES:
+        size = getattr(mesh, size_key)
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{size_key}={size} must be positive or -1 (the rest)")
+    if sum(getattr(mesh, a) == -1 for a in _MESH_AXES) > 1:
+        raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with -1 filled in, checked against the device count.
+
+    Raises:
+      ConfigError: when the sizes do not multiply to `num_devices`.
+    """
+    sizes = {a: getattr(mesh, a) for a in _MESH_AXES}
+    fixed = 1
+    for size in sizes.values():
+        if size != -1:
+            fixed *= size
+    free = [a for a, s in sizes.items() if s == -1]
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh sizes {sizes} cannot fill {num_devices} devices: {num_devices} is not "
+                f"divisible by {fixed}; change mesh.fsdp/mesh.tensor"
+            )
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"mesh sizes {sizes} multiply to {fixed}, but there are {num_devices} devices; "
+            "make them multiply to the device count or set one axis to -1"
+        )
+    return sizes
+
+
+def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
+    """Checks the constraints that depend on the device count; returns the mesh shape."""
+    sizes = resolve_mesh_shape(cfg.mesh, num_devices)
+    m, t = cfg.model, cfg.train
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    micro = t.batch_size // t.grad_accum
+    if micro % batch_shards:
+        raise ConfigError(
+            f"micro-batch train.batch_size/train.grad_accum={micro} is not divisible by "
+            f"mesh.data*mesh.fsdp={batch_shards}; batches are split evenly over those devices"
+        )
+    kv_heads = m.num_kv_heads or m.num_heads
+    if m.num_heads % sizes["tensor"]:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={sizes['tensor']}; "
+            "attention heads are split evenly across tensor-parallel devices. "
+            "Pick a mesh.tensor that divides num_heads, or set mesh.tensor=1."
+        )
+    if kv_heads % sizes["tensor"] and sizes["tensor"] % kv_heads:
+        raise ConfigError(
+            f"model.num_kv_heads={kv_heads} and mesh.tensor={sizes['tensor']}: one must divide "
+            "the other so kv heads can be split or replicated over tensor devices"
+        )
+    return sizes
