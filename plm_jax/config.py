@@ -82,18 +82,46 @@ class ModelConfig:
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "gpt2-124m": dict(
-        vocab_size=50257, num_layers=12, embed_dim=768, num_heads=12, max_seq_len=1024,
-        position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True,
+        vocab_size=50257,
+        num_layers=12,
+        embed_dim=768,
+        num_heads=12,
+        max_seq_len=1024,
+        position="learned",
+        norm="layernorm",
+        mlp="gelu",
+        use_bias=True,
+        tie_embeddings=True,
     ),
     "gpt2-350m": dict(
-        vocab_size=50257, num_layers=24, embed_dim=1024, num_heads=16, max_seq_len=1024,
-        position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True,
+        vocab_size=50257,
+        num_layers=24,
+        embed_dim=1024,
+        num_heads=16,
+        max_seq_len=1024,
+        position="learned",
+        norm="layernorm",
+        mlp="gelu",
+        use_bias=True,
+        tie_embeddings=True,
     ),
     # Llama 3.2 1B: GQA with 8 kv heads, tied embeddings, RoPE theta 500k.
     "llama-1b": dict(
-        vocab_size=128256, num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8,
-        head_dim=64, mlp_dim=8192, max_seq_len=2048, position="rope", rope_theta=500000.0,
-        norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", use_bias=False, tie_embeddings=True,
+        vocab_size=128256,
+        num_layers=16,
+        embed_dim=2048,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        mlp_dim=8192,
+        max_seq_len=2048,
+        position="rope",
+        rope_theta=500000.0,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        mlp="swiglu",
+        use_bias=False,
+        tie_embeddings=True,
     ),
 }
 
@@ -211,7 +239,9 @@ class Config:
 # Loading: YAML + overrides -> nested dict -> typed dataclasses.
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Resolves a config from defaults, an optional YAML delta and `key=value` overrides.
 
     Args:
@@ -365,6 +395,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             kwargs[f.name] = _build(kind, raw[f.name], prefix + f.name + ".")
+        elif isinstance(raw[f.name], dict) and typing.get_origin(kind) is not dict:
+            leaf = prefix + _first_leaf(f.name, raw[f.name])
+            raise ConfigError(
+                f"unknown config key {leaf!r}: {prefix + f.name!r} is a value, not a section"
+            )
         else:
             kwargs[f.name] = _coerce(prefix + f.name, raw[f.name], kind)
     return cls(**kwargs)
@@ -373,7 +408,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def _first_leaf(key: Any, value: Any) -> str:
     """`not.a.key` for {'not': {'a': {'key': 1}}}, so errors name what the user wrote."""
     while isinstance(value, dict) and len(value) == 1:
-        (child, value), = value.items()
+        ((child, value),) = value.items()
         key = f"{key}.{child}"
     return str(key)
 
@@ -451,23 +486,35 @@ def validate(cfg: Config) -> None:
     """
     m, t, d, tok = cfg.model, cfg.train, cfg.data, cfg.tokenizer
     positive = {
-        "model.num_layers": m.num_layers, "model.embed_dim": m.embed_dim,
-        "model.num_heads": m.num_heads, "model.max_seq_len": m.max_seq_len,
-        "train.steps": t.steps, "train.batch_size": t.batch_size,
-        "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
-        "train.eval_every": t.eval_every, "checkpoint.save_every": cfg.checkpoint.save_every,
-        "checkpoint.keep": cfg.checkpoint.keep, "data.shard_tokens": d.shard_tokens,
-        "data.loader_threads": d.loader_threads, "data.prefetch": d.prefetch,
+        "model.num_layers": m.num_layers,
+        "model.embed_dim": m.embed_dim,
+        "model.num_heads": m.num_heads,
+        "model.max_seq_len": m.max_seq_len,
+        "train.steps": t.steps,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.log_every": t.log_every,
+        "train.eval_every": t.eval_every,
+        "checkpoint.save_every": cfg.checkpoint.save_every,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "data.shard_tokens": d.shard_tokens,
+        "data.loader_threads": d.loader_threads,
+        "data.prefetch": d.prefetch,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")
     non_negative = {
-        "model.vocab_size": m.vocab_size, "model.num_kv_heads": m.num_kv_heads,
-        "model.head_dim": m.head_dim, "model.mlp_dim": m.mlp_dim,
-        "train.warmup_steps": t.warmup_steps, "train.eval_batches": t.eval_batches,
-        "data.tokenize_threads": d.tokenize_threads, "run.seed": cfg.run.seed,
-        "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
+        "model.vocab_size": m.vocab_size,
+        "model.num_kv_heads": m.num_kv_heads,
+        "model.head_dim": m.head_dim,
+        "model.mlp_dim": m.mlp_dim,
+        "train.warmup_steps": t.warmup_steps,
+        "train.eval_batches": t.eval_batches,
+        "data.tokenize_threads": d.tokenize_threads,
+        "run.seed": cfg.run.seed,
+        "train.weight_decay": t.weight_decay,
+        "train.grad_clip": t.grad_clip,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -504,11 +551,15 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
     if not d.source:
-        raise ConfigError("data.source is empty; give a path, a glob, a list, or builtin:python-stdlib")
+        raise ConfigError(
+            "data.source is empty; give a path, a glob, a list, or builtin:python-stdlib"
+        )
     if tok.vocab_size < 16 and not tok.path:
         raise ConfigError(f"tokenizer.vocab_size={tok.vocab_size} is too small; use at least 16")
     if not 0.0 < tok.character_coverage <= 1.0:
-        raise ConfigError(f"tokenizer.character_coverage={tok.character_coverage} must be in (0, 1]")
+        raise ConfigError(
+            f"tokenizer.character_coverage={tok.character_coverage} must be in (0, 1]"
+        )
     specials = [tok.pad_piece, tok.unk_piece, tok.bos_piece, tok.eos_piece]
     if any(not s for s in specials):
         raise ConfigError("tokenizer pad/unk/bos/eos pieces must be non-empty strings")

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from plm_jax.config import DEFAULT_AXIS_RULES, MeshConfig, validate_for_devices, resolve_mesh_shape
+from plm_jax.config import DEFAULT_AXIS_RULES, MeshConfig, resolve_mesh_shape, validate_for_devices
 from plm_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -122,7 +122,9 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def shard_batch(local: Mapping[str, np.ndarray], mesh: Mesh, global_rows: int) -> dict[str, jax.Array]:
+def shard_batch(
+    local: Mapping[str, np.ndarray], mesh: Mesh, global_rows: int
+) -> dict[str, jax.Array]:
     """Assembles per-process batch slices into global arrays laid out over the batch axes.
 
     Args:

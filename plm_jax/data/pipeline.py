@@ -1,0 +1,136 @@
+"""From a resolved config to a tokenizer and batch iterators: the data stage of every run.
+
+    tokenizer: `tokenizer.path`, or <run dir>/tokenizer if a previous run trained one there,
+               else trained on `data.source` and saved there
+    corpus:    tokenized once into the cache (`prepare.py`)
+    batches:   packed windows (`packing.py`) -> grain loaders (`loader.py`)
+
+What it leaves out: moving batches onto devices (`sharding.shard_batch`) and the train loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from plm_jax.config import Config, DataConfig
+from plm_jax.data.loader import BatchLoader, eval_loader
+from plm_jax.data.packing import PackedWindows
+from plm_jax.data.prepare import PreparedData, prepare_data
+from plm_jax.data.sources import SourceStats, check_stats, iter_documents
+from plm_jax.errors import DataError
+from plm_jax.tokenizer import Tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def train_tokenizer_from_config(
+    data: DataConfig, cfg: Config, output_dir: Path, *, show_progress: bool = True
+) -> Tokenizer:
+    """Trains a SentencePiece model on the documents of `data` with `cfg.tokenizer` settings."""
+    tok = cfg.tokenizer
+    stats = SourceStats()
+    tokenizer = train_tokenizer(
+        iter_documents(data, stats),
+        output_dir,
+        vocab_size=tok.vocab_size,
+        model_type=tok.model_type,
+        byte_fallback=tok.byte_fallback,
+        character_coverage=tok.character_coverage,
+        pad_piece=tok.pad_piece,
+        unk_piece=tok.unk_piece,
+        bos_piece=tok.bos_piece,
+        eos_piece=tok.eos_piece,
+        mask_piece=tok.mask_piece,
+        user_defined_symbols=tok.user_defined_symbols,
+        max_train_bytes=tok.max_train_bytes,
+        num_threads=data.tokenize_threads,
+        show_progress=show_progress,
+    )
+    check_stats(stats, data)
+    return tokenizer
+
+
+def load_or_train_tokenizer(cfg: Config, *, show_progress: bool = True) -> Tokenizer:
+    """The run's tokenizer: configured, previously trained for this run, or trained now.
+
+    Raises:
+      DataError: a configured `tokenizer.path` that is missing or corrupt.
+    """
+    if cfg.tokenizer.path:
+        return Tokenizer.load(cfg.tokenizer.path)
+    run_tokenizer = cfg.run_dir / "tokenizer"
+    if run_tokenizer.is_dir() and any(run_tokenizer.glob("*.model")):
+        return Tokenizer.load(run_tokenizer)
+    log.info("training a %d-piece tokenizer on %s", cfg.tokenizer.vocab_size, cfg.data.source)
+    return train_tokenizer_from_config(cfg.data, cfg, run_tokenizer, show_progress=show_progress)
+
+
+@dataclass
+class Pipeline:
+    """Everything the training loop reads: windows per split and the train batch iterator."""
+
+    prepared: PreparedData
+    train_windows: PackedWindows
+    eval_windows: PackedWindows | None
+    train: BatchLoader
+
+    def eval_batches(self, process_index: int = 0, process_count: int = 1) -> BatchLoader | None:
+        """A fresh ordered pass over the held-out split (None when there is none)."""
+        if self.eval_windows is None:
+            return None
+        return eval_loader(
+            self.eval_windows,
+            global_batch=self.train.global_batch,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+
+def build_pipeline(
+    cfg: Config,
+    tokenizer: Tokenizer,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    show_progress: bool = True,
+) -> Pipeline:
+    """Prepares the corpus and builds the loaders for `cfg`.
+
+    Raises:
+      DataError: no data, or a train split smaller than one window.
+    """
+    seq_len = cfg.model.max_seq_len
+    prepared = prepare_data(cfg.data, tokenizer, show_progress=show_progress)
+    train = prepared.train
+    if train.num_tokens < seq_len + 1:
+        raise DataError(
+            f"the training split has {train.num_tokens} tokens, fewer than one window of "
+            f"model.max_seq_len+1={seq_len + 1}; add data or lower model.max_seq_len"
+        )
+    if train.max_doc_len < seq_len:
+        log.info(
+            "every document is shorter than model.max_seq_len=%d (longest: %d tokens); "
+            "windows pack several documents, kept apart by segment_ids",
+            seq_len,
+            train.max_doc_len,
+        )
+    train_windows = PackedWindows(train, seq_len, tokenizer.pad_id)
+    eval_windows = None
+    if prepared.eval is not None:
+        eval_windows = PackedWindows(
+            prepared.eval, seq_len, tokenizer.pad_id, pad_to_multiple=cfg.train.batch_size
+        )
+    elif cfg.data.eval_fraction > 0:
+        log.warning("no document was held out for evaluation; raise data.eval_fraction")
+    loader = BatchLoader(
+        train_windows,
+        global_batch=cfg.train.batch_size,
+        seed=cfg.run.seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_threads=cfg.data.loader_threads,
+        prefetch=cfg.data.prefetch,
+    )
+    return Pipeline(prepared, train_windows, eval_windows, loader)
