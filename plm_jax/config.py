@@ -556,6 +556,12 @@ def validate(cfg: Config) -> None:
         )
     if tok.vocab_size < 16 and not tok.path:
         raise ConfigError(f"tokenizer.vocab_size={tok.vocab_size} is too small; use at least 16")
+    if m.vocab_size and not tok.path and m.vocab_size < tok.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is smaller than tokenizer.vocab_size="
+            f"{tok.vocab_size}; token ids would fall outside the embedding. Set "
+            "model.vocab_size=0 to use the tokenizer's size"
+        )
     if not 0.0 < tok.character_coverage <= 1.0:
         raise ConfigError(
             f"tokenizer.character_coverage={tok.character_coverage} must be in (0, 1]"

@@ -67,6 +67,7 @@ def test_preset_fills_model_and_explicit_keys_override_it():
         ("mesh.data=0", r"mesh\.data=0 must be positive or -1"),
         ("tokenizer.mask_piece=</s>", r"special pieces must be distinct"),
         ("data.tokenize_threads=-1", r"must be >= 0"),
+        ("model.vocab_size=1000", r"model\.vocab_size=1000 is smaller than tokenizer\.vocab_size"),
         ("train.steps", r"not of the form section\.key=value"),
         ("train=3", r"train must be a mapping"),
         ("train.steps.x=1", r"'train\.steps\.x': 'train\.steps' is a value, not a section"),
@@ -163,3 +164,13 @@ def test_device_dependent_checks():
         validate_for_devices(cfg, 8)
     ok = load_config(None, ["mesh.fsdp=2", "mesh.tensor=4", "mesh.data=1"])
     assert validate_for_devices(ok, 8) == {"data": 1, "fsdp": 2, "tensor": 4}
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        cfg = load_config(path)
+        assert cfg.run.name == path.stem

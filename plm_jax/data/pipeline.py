@@ -18,7 +18,7 @@ from plm_jax.config import Config, DataConfig
 from plm_jax.data.loader import BatchLoader, eval_loader
 from plm_jax.data.packing import PackedWindows
 from plm_jax.data.prepare import PreparedData, prepare_data
-from plm_jax.data.sources import SourceStats, check_stats, iter_documents
+from plm_jax.data.sources import SourceStats, check_stats, iter_documents, resolve_files
 from plm_jax.errors import DataError
 from plm_jax.tokenizer import Tokenizer, train_tokenizer
 
@@ -30,6 +30,7 @@ def train_tokenizer_from_config(
 ) -> Tokenizer:
     """Trains a SentencePiece model on the documents of `data` with `cfg.tokenizer` settings."""
     tok = cfg.tokenizer
+    resolve_files(data)  # a missing source fails here, before any training output
     stats = SourceStats()
     tokenizer = train_tokenizer(
         iter_documents(data, stats),

@@ -1,0 +1,557 @@
+"""SentencePiece tokenizer: train on a stream of documents, load, and encode/decode losslessly.
+
+Holds `train_tokenizer` (BPE or unigram, streamed, written atomically to a directory) and
+`Tokenizer` (the loaded model with its special ids and a content fingerprint for data caches).
+It leaves out reading corpora from files and caching token ids (`plm_jax.data`), adding bos/eos
+to sequences, and Hugging Face tokenizers.
+
+Round trip. `decode(encode(text)) == text` for every Python string that is valid Unicode, when the
+model was trained with `byte_fallback=True` (the default). The trainer settings below make that
+hold: identity normalization, no dummy prefix, whitespace kept as written, and byte pieces for
+every character outside the vocabulary (newlines, tabs, NUL and other control characters, rare
+emoji). Two cases need help outside SentencePiece:
+
+- SentencePiece writes a space as the piece "\u2581" and turns "\u2581" back into a space when
+  decoding, so a literal "\u2581" in the text would come back as " ". `encode` emits a literal
+  "\u2581" as its three UTF-8 byte pieces instead, which decode to the character itself.
+- A string with lone surrogates (not valid Unicode, e.g. from `errors="surrogateescape"`) cannot
+  be encoded at all; `encode` raises `DataError`.
+
+Training splits documents at newlines, so the vocabulary never holds "\n": each newline is the
+byte piece <0x0A>. Tabs, "\r" and other characters frequent enough for `character_coverage` get
+pieces of their own.
+
+Special pieces. pad, unk, bos and eos get ids 0..3 and the mask piece, when there is one, id 4,
+followed by `user_defined_symbols`. pad/bos/eos/mask are SentencePiece *control* symbols: they are
+never produced from text, so a document containing the literal string "<mask>" or "</s>" is
+encoded as ordinary characters (user text cannot inject a special token), and `decode` drops the
+control ids. User-defined symbols are matched in text and decode to themselves. The unk id decodes
+to " \u2047 " (SentencePiece's surface form); with byte fallback, `encode` never emits it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+from plm_jax.errors import ConfigError, DataError
+
+__all__ = ["Tokenizer", "train_tokenizer"]
+
+MODEL_FILE = "tokenizer.model"
+VOCAB_FILE = "tokenizer.vocab"
+META_FILE = "tokenizer.json"
+_META_FORMAT = "plm_jax.tokenizer/1"  # tells our tokenizer.json from Hugging Face's
+
+_SPACE_SYMBOL = "\u2581"  # SentencePiece's escaped space
+# SentencePiece silently drops training sentences over max_sentence_length (4192 bytes); lines
+# are cut below it, at a space where possible so the cut does not split a word.
+_MAX_LINE_BYTES = 4000
+_MODEL_TYPES = ("bpe", "unigram")
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    output_dir: str | Path,
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    character_coverage: float = 0.9995,
+    pad_piece: str = "<pad>",
+    unk_piece: str = "<unk>",
+    bos_piece: str = "<s>",
+    eos_piece: str = "</s>",
+    mask_piece: str = "<mask>",
+    user_defined_symbols: Sequence[str] = (),
+    max_train_bytes: int = 200_000_000,
+    num_threads: int = 0,
+    show_progress: bool = True,
+) -> Tokenizer:
+    """Trains a SentencePiece model on `texts` and writes it to `output_dir`.
+
+    Each document is split into lines (long lines into chunks under 4000 bytes) as it is read;
+    reading stops once `max_train_bytes` of UTF-8 text have been consumed, so the corpus is never
+    held in memory here (SentencePiece keeps the sampled sentences).
+
+    Args:
+      texts: documents; any iterable, consumed once.
+      output_dir: directory that receives tokenizer.model, tokenizer.vocab and tokenizer.json
+        (training options, special ids, the model's sha256). Created if missing.
+      vocab_size: number of pieces, including 256 byte pieces when `byte_fallback`.
+      model_type: "bpe" or "unigram".
+      byte_fallback: encode characters outside the vocabulary as UTF-8 byte pieces; needed for
+        a lossless round trip.
+      character_coverage: fraction of characters that get their own piece; the rest use bytes.
+      pad_piece, unk_piece, bos_piece, eos_piece: special pieces, ids 0, 1, 2, 3.
+      mask_piece: the mask piece (id 4), or "" for none.
+      user_defined_symbols: pieces always kept whole when they appear in text.
+      max_train_bytes: stop reading `texts` after this many bytes.
+      num_threads: trainer threads; 0 means all cores.
+      show_progress: print a progress bar and timings to stderr.
+
+    Returns:
+      The trained tokenizer, loaded from `output_dir`. Its model bytes (so its fingerprint) are
+      the same for the same text, options and thread count; unigram results depend on the
+      thread count, and SentencePiece records it in the model.
+
+    Raises:
+      ConfigError: an argument is out of range or the special pieces collide.
+      DataError: `texts` holds no text, or `vocab_size` does not fit the text.
+    """
+    if isinstance(texts, str):
+        raise ConfigError("train_tokenizer takes an iterable of documents, not one str; wrap it")
+    options: dict[str, Any] = dict(
+        model_type=model_type,
+        vocab_size=vocab_size,
+        byte_fallback=byte_fallback,
+        character_coverage=character_coverage,
+        # Lossless text: no NFKC, no leading "▁" added, runs of spaces kept as written.
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,  # indentation runs become pieces
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        pad_piece=pad_piece,
+        unk_piece=unk_piece,
+        bos_piece=bos_piece,
+        eos_piece=eos_piece,
+        # Control symbols are never matched in text, so a literal "<mask>" stays plain text.
+        control_symbols=[mask_piece] if mask_piece else [],
+        user_defined_symbols=list(user_defined_symbols),
+    )
+    _check_train_args(options, max_train_bytes, num_threads)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    threads = num_threads or os.cpu_count() or 1
+    counter = _Counter()
+    if show_progress:
+        print(
+            f"training SentencePiece {model_type} tokenizer, vocab_size={vocab_size}, on up to "
+            f"{max_train_bytes / 1e6:.1f} MB of text ...",
+            file=sys.stderr,
+        )
+    start = time.perf_counter()
+    sentences = _training_sentences(texts, max_train_bytes, counter, show_progress)
+    model_bytes = _run_trainer(sentences, options, threads, counter)
+    _publish(model_bytes, output_dir, options)
+    if show_progress:
+        print(
+            f"done in {time.perf_counter() - start:.1f} s: {output_dir / MODEL_FILE} "
+            f"({counter.num_bytes / 1e6:.1f} MB read)",
+            file=sys.stderr,
+        )
+    return Tokenizer.load(output_dir)
+
+
+class Tokenizer:
+    """A loaded SentencePiece model with lossless encode/decode and its special ids.
+
+    Build one with `Tokenizer.load` or `train_tokenizer`. Instances can be pickled (e.g. into
+    data-loader worker processes).
+
+    Attributes:
+      vocab_size: number of pieces (V).
+      pad_id, unk_id, bos_id, eos_id: special ids (0..3 for tokenizers trained here).
+      mask_id: id of the mask piece, or None if the model has none.
+      fingerprint: sha256 hex digest of the .model file's bytes; a key for token caches.
+      path: the .model file.
+    """
+
+    def __init__(
+        self,
+        processor: spm.SentencePieceProcessor,
+        path: Path,
+        fingerprint: str,
+        mask_id: int | None,
+    ):
+        self._sp = processor
+        self.path = path
+        self.fingerprint = fingerprint
+        self.vocab_size: int = processor.vocab_size()
+        self.pad_id: int = processor.pad_id()
+        self.unk_id: int = processor.unk_id()
+        self.bos_id: int = processor.bos_id()
+        self.eos_id: int = processor.eos_id()
+        self.mask_id = mask_id
+        byte_ids = [processor.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_SYMBOL.encode()]
+        # Without byte pieces a literal "▁" cannot be kept apart from a space.
+        has_bytes = all(processor.is_byte(i) for i in byte_ids)
+        self._space_symbol_ids = byte_ids if has_bytes else None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Loads a directory written by `train_tokenizer`, or a SentencePiece .model file.
+
+        The mask piece comes from the tokenizer.json written beside the model; without one (or
+        with another library's tokenizer.json) it is the model's only control symbol other than
+        pad/bos/eos, if there is exactly one.
+
+        Raises:
+          DataError: the path is missing, is not a SentencePiece model, lacks pad/unk/bos/eos,
+            or its tokenizer.json belongs to a different model.
+        """
+        path = Path(path)
+        model_path = path / MODEL_FILE if path.is_dir() else path
+        if not model_path.is_file():
+            raise DataError(
+                f"tokenizer not found: {str(model_path)!r} does not exist; give a directory "
+                f"written by train_tokenizer or a SentencePiece .model file in tokenizer.path, "
+                "or set tokenizer.path='' to train one"
+            )
+        data = model_path.read_bytes()
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.LoadFromSerializedProto(data)
+        except RuntimeError as e:
+            raise DataError(
+                f"{str(model_path)!r} is not a valid SentencePiece model ({e}); the file is "
+                "corrupt or of another format. Retrain it (tokenizer.path='') or point "
+                "tokenizer.path at a .model file written by SentencePiece"
+            ) from None
+        missing = [
+            name for name in ("pad", "unk", "bos", "eos") if getattr(processor, f"{name}_id")() < 0
+        ]
+        if missing:
+            raise DataError(
+                f"SentencePiece model {str(model_path)!r} has no {'/'.join(missing)} piece; "
+                "plm_jax needs pad, unk, bos and eos. Retrain it with train_tokenizer"
+            )
+        fingerprint = hashlib.sha256(data).hexdigest()
+        mask_id = _find_mask_id(processor, model_path.with_suffix(".json"), fingerprint)
+        return cls(processor, model_path, fingerprint, mask_id)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without bos/eos. Exact: `decode(encode(text)) == text`.
+
+        Raises:
+          DataError: `text` holds lone surrogates (it is not valid Unicode).
+        """
+        try:
+            if _SPACE_SYMBOL in text and self._space_symbol_ids is not None:
+                return self._encode_space_symbols(text)
+            return self._sp.encode(text)
+        except RuntimeError:
+            _check_unicode(text)
+            raise
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+        """`[encode(t) for t in texts]`, computed by SentencePiece's C++ threads.
+
+        Args:
+          texts: the strings to encode.
+          num_threads: encoder threads; 0 means all cores.
+
+        Raises:
+          DataError: a text holds lone surrogates.
+        """
+        texts = list(texts)
+        threads = num_threads or os.cpu_count() or 1
+        try:
+            out = self._sp.encode(texts, num_threads=threads)
+        except (RuntimeError, TypeError):  # how SentencePiece reports a string it cannot cast
+            for text in texts:
+                _check_unicode(text)
+            raise
+        if self._space_symbol_ids is not None:
+            for i, text in enumerate(texts):
+                if _SPACE_SYMBOL in text:  # rare: redo these few on the exact path
+                    out[i] = self._encode_space_symbols(text)
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`; pad/bos/eos/mask ids are dropped.
+
+        Raises:
+          IndexError: an id is outside [0, vocab_size).
+        """
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        self._check_ids(ids)
+        return self._sp.decode(ids)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
+        """`[decode(ids) for ids in batch]`, computed by SentencePiece's C++ threads."""
+        rows = [ids.tolist() if hasattr(ids, "tolist") else list(ids) for ids in batch]
+        for ids in rows:
+            self._check_ids(ids)
+        if not rows:
+            return []
+        return self._sp.decode(rows, num_threads=os.cpu_count() or 1)
+
+    def id_to_piece(self, i: int) -> str:
+        """The piece string of id `i` (a space is written "▁")."""
+        self._check_ids([i])
+        return self._sp.id_to_piece(i)
+
+    def piece_to_id(self, piece: str) -> int:
+        """The id of `piece`.
+
+        Raises:
+          KeyError: `piece` is not in the vocabulary (SentencePiece itself would return unk_id).
+        """
+        i = self._sp.piece_to_id(piece)
+        if i == self.unk_id and piece != self._sp.id_to_piece(i):
+            raise KeyError(f"piece {piece!r} is not in the vocabulary of {self.path}")
+        return i
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, "
+            f"fingerprint={self.fingerprint[:12]})"
+        )
+
+    def _encode_space_symbols(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for j, part in enumerate(text.split(_SPACE_SYMBOL)):
+            if j:
+                ids.extend(self._space_symbol_ids)
+            ids.extend(self._sp.encode(part))
+        return ids
+
+    def _check_ids(self, ids: list[int]) -> None:
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise IndexError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training helpers.
+
+
+@dataclass
+class _Counter:
+    """What the sentence stream has read so far; SentencePiece drains the stream before training."""
+
+    num_bytes: int = 0
+    num_sentences: int = 0
+    error: Exception | None = None  # raised by the caller's document iterator
+
+
+def _check_train_args(options: dict[str, Any], max_train_bytes: int, num_threads: int) -> None:
+    model_type, vocab_size = options["model_type"], options["vocab_size"]
+    if model_type not in _MODEL_TYPES:
+        raise ConfigError(
+            f"tokenizer model_type={model_type!r} is unknown; choose one of {list(_MODEL_TYPES)}"
+        )
+    if vocab_size < 16:
+        raise ConfigError(f"tokenizer vocab_size={vocab_size} is too small; use at least 16")
+    if not 0.0 < options["character_coverage"] <= 1.0:
+        raise ConfigError(f"character_coverage={options['character_coverage']} must be in (0, 1]")
+    if max_train_bytes <= 0:
+        raise ConfigError(f"max_train_bytes={max_train_bytes} must be positive")
+    if num_threads < 0:
+        raise ConfigError(f"num_threads={num_threads} must be >= 0 (0 means all cores)")
+    named = [options[f"{name}_piece"] for name in ("pad", "unk", "bos", "eos")]
+    named += options["control_symbols"] + options["user_defined_symbols"]
+    if not all(isinstance(piece, str) and piece for piece in named):
+        raise ConfigError(
+            f"tokenizer special pieces and user_defined_symbols must be non-empty strings, "
+            f"got {named}"
+        )
+    if len(set(named)) != len(named):
+        raise ConfigError(
+            f"tokenizer special pieces and user_defined_symbols must be distinct, got {named}"
+        )
+
+
+def _training_sentences(
+    texts: Iterable[str], max_train_bytes: int, counter: _Counter, show_progress: bool
+) -> Iterator[str]:
+    """Lines of `texts`, cut below _MAX_LINE_BYTES, until `max_train_bytes` have been read."""
+    bar = tqdm(
+        desc="reading tokenizer text",
+        unit="B",
+        unit_scale=True,
+        disable=not show_progress,
+        file=sys.stderr,
+        mininterval=0.5,
+    )
+    try:
+        for text in texts:
+            if not isinstance(text, str):
+                raise DataError(
+                    f"tokenizer training documents must be str, got {type(text).__name__}; "
+                    "decode bytes to text before training"
+                )
+            for line in text.split("\n"):
+                for chunk in _chunks(line.encode("utf-8")):
+                    counter.num_sentences += 1
+                    counter.num_bytes += len(chunk) + 1  # +1: the newline or the cut
+                    bar.update(len(chunk) + 1)
+                    yield chunk.decode("utf-8")
+                    if counter.num_bytes >= max_train_bytes:
+                        return
+    except Exception as e:
+        # SentencePiece turns an exception raised here into a bare RuntimeError; keep the
+        # original so the caller sees, e.g., the DataError of a missing data file.
+        counter.error = e
+        raise
+    finally:
+        bar.close()
+
+
+def _chunks(data: bytes) -> Iterator[bytes]:
+    """`data` in pieces of at most _MAX_LINE_BYTES, cut between UTF-8 characters."""
+    start = 0
+    while start < len(data):
+        end = start + _MAX_LINE_BYTES
+        if end < len(data):
+            while data[end] & 0xC0 == 0x80:  # a UTF-8 continuation byte: not a character start
+                end -= 1
+            space = data.rfind(b" ", start + _MAX_LINE_BYTES // 2, end)
+            end = space if space > start else end
+        yield data[start:end]
+        start = end
+
+
+def _run_trainer(
+    sentences: Iterator[str], options: dict[str, Any], threads: int, counter: _Counter
+) -> bytes:
+    """Runs SentencePiece and returns the serialized model; user-input failures become DataError.
+
+    The model comes back through `model_writer` rather than `model_prefix`: SentencePiece stores
+    the prefix in the model, and a temporary path there would make the fingerprint of two
+    identical trainings differ.
+    """
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences,
+            model_writer=model,
+            num_threads=threads,
+            minloglevel=2,  # SentencePiece's INFO/WARNING lines would flood the console
+            **options,
+        )
+    except RuntimeError as e:
+        if counter.error is not None:
+            raise counter.error from None
+        vocab_size = options["vocab_size"]
+        if counter.num_sentences == 0:
+            raise DataError(
+                "no text to train the tokenizer on: the input documents are empty; check "
+                "data.source and data.text_field"
+            ) from None
+        message = str(e)
+        if "Vocabulary size too high" in message:
+            limit = re.search(r"<= (\d+)", message)
+            bound = f" at most {limit.group(1)}" if limit else ""
+            raise DataError(
+                f"tokenizer vocab_size={vocab_size} is too large for "
+                f"{counter.num_bytes} bytes of training text: it has too few distinct pieces; "
+                f"lower --vocab-size (tokenizer.vocab_size) to{bound}, or train on more text"
+            ) from None
+        if "smaller than required_chars" in message:
+            need = re.search(r"vs (\d+)", message)
+            bound = f" at least {need.group(1)}" if need else " it"
+            raise DataError(
+                f"tokenizer vocab_size={vocab_size} cannot hold the byte pieces, special pieces "
+                f"and the characters the text needs; raise --vocab-size (tokenizer.vocab_size) "
+                f"to{bound}, or lower character_coverage"
+            ) from None
+        raise
+    return model.getvalue()
+
+
+def _publish(model_bytes: bytes, output_dir: Path, options: dict[str, Any]) -> None:
+    """Writes tokenizer.vocab, tokenizer.json and tokenizer.model, each atomically, model last.
+
+    Each file is written under a temporary name and renamed, so a crash leaves the old file or the
+    new one, never a partial one; the json carries the model's sha256, so a crash between two
+    renames shows up in `Tokenizer.load` as a mismatch rather than as a silently wrong mask id.
+    """
+    processor = spm.SentencePieceProcessor(model_proto=model_bytes)
+    vocab = "".join(
+        f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
+        for i in range(processor.vocab_size())
+    )
+    meta = {
+        "format": _META_FORMAT,
+        "model_file": MODEL_FILE,
+        "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
+        "special_ids": {"pad": 0, "unk": 1, "bos": 2, "eos": 3},
+        "mask_piece": options["control_symbols"][0] if options["control_symbols"] else "",
+        "options": options,
+        "sentencepiece_version": spm.__version__,
+    }
+    _write_atomic(output_dir / VOCAB_FILE, vocab.encode("utf-8"))
+    _write_atomic(
+        output_dir / META_FILE, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
+    )
+    _write_atomic(output_dir / MODEL_FILE, model_bytes)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading helpers.
+
+
+def _find_mask_id(
+    processor: spm.SentencePieceProcessor, meta_path: Path, fingerprint: str
+) -> int | None:
+    meta = _read_meta(meta_path)
+    if meta is not None:
+        if meta.get("model_sha256") != fingerprint:
+            raise DataError(
+                f"{str(meta_path)!r} describes a different model than {meta_path.stem}.model "
+                "(an interrupted training run?); retrain the tokenizer or delete the json"
+            )
+        mask_piece = meta.get("mask_piece", "")
+        if not mask_piece:
+            return None
+        mask_id = processor.piece_to_id(mask_piece)
+        if processor.id_to_piece(mask_id) != mask_piece:
+            raise DataError(
+                f"{str(meta_path)!r} names mask piece {mask_piece!r}, which is not in the model; "
+                "retrain the tokenizer or delete the json"
+            )
+        return mask_id
+    named = {processor.pad_id(), processor.bos_id(), processor.eos_id()}
+    extra = [i for i in range(processor.vocab_size()) if processor.is_control(i) and i not in named]
+    return extra[0] if len(extra) == 1 else None
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    """Our tokenizer.json, or None; a Hugging Face tokenizer.json beside the model is ignored."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
+        return None
+    return meta
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"text is not valid Unicode ({e.reason} at index {e.start}: {text[e.start]!r}); "
+            "decode input files with errors='replace' (data.encoding_errors=replace)"
+        ) from None

@@ -1,0 +1,159 @@
+"""The command line: help, one-line user errors with exit 2, tokenizer training, prepare."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from plm_jax.cli import main
+from plm_jax.errors import ConfigError
+
+COMMANDS = [
+    "tokenizer",
+    "prepare",
+    "pretrain",
+    "finetune",
+    "eval",
+    "score",
+    "generate",
+    "embed",
+    "predict",
+    "convert",
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: plm-jax " + command in capsys.readouterr().out
+
+
+def run_cli(*args):
+    """The real entry point in a fresh interpreter: exit code and stderr lines."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "plm_jax.cli", *args], capture_output=True, text=True, timeout=120
+    )
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def test_unknown_keys_exit_2_with_one_line():
+    code, err = run_cli("pretrain", "not.a.key=1")
+    assert code == 2 and len(err) == 1 and "'not.a.key'" in err[0], err
+    code, err = run_cli("pretrain", "train.stepz=10")
+    assert code == 2 and len(err) == 1, err
+    assert "'train.stepz'" in err[0] and "did you mean 'train.steps'" in err[0]
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ConfigError, match="train.stepz"):
+        main(["--debug", "pretrain", "train.stepz=10"])
+
+
+@pytest.mark.parametrize(
+    "argv, issue",
+    [
+        (["pretrain"], 3),
+        (["finetune", "x.yaml"], 5),
+        (["eval", "runs/x"], 3),
+        (["score", "ckpt", "--text", "hi"], 3),
+        (["generate", "ckpt", "--prompt", "hi"], 3),
+        (["embed", "ckpt", "--text", "hi"], 4),
+        (["predict", "ckpt", "--input", "a.jsonl"], 5),
+        (["convert", "--from", "hf", "--input", "a", "--output", "b"], 4),
+    ],
+)
+def test_commands_not_yet_available_say_so_and_exit_2(argv, issue, capsys):
+    if argv[0] == "finetune":  # its config is read first, so a missing file is reported
+        assert main(argv) == 2
+        assert "config file 'x.yaml' not found" in capsys.readouterr().err
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not available yet" in err[0] and f"issue #{issue}" in err[0]
+
+
+def test_tokenizer_train(tmp_path, small_corpus, capsys):
+    out = tmp_path / "tok"
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(small_corpus),
+                "--vocab-size",
+                "600",
+                "--output",
+                str(out),
+                "--model-type",
+                "unigram",
+            ]
+        )
+        == 0
+    )
+    assert "600 pieces" in capsys.readouterr().out
+    from plm_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(out)
+    assert tok.vocab_size == 600 and tok.mask_id == 4
+    text = "Return the value of x.\n\tTabs, 'quotes' and ünïcödé ✓"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_train_bad_input(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(tmp_path / "missing.txt"),
+                "--vocab-size",
+                "100",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_writes_config_and_reports_the_splits(
+    tmp_path, small_corpus, small_tokenizer, capsys
+):
+    run_dir = tmp_path / "run"
+    argv = [
+        "prepare",
+        f"data.source={small_corpus}",
+        f"data.cache_dir={tmp_path / 'c'}",
+        f"run.dir={run_dir}",
+        f"tokenizer.path={small_tokenizer.path}",
+        "model.max_seq_len=64",
+        "train.batch_size=8",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "train:" in out and "windows of 65" in out and "batches per epoch" in out
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["max_seq_len"] == 64 and saved["data"]["source"] == str(small_corpus)
+
+
+def test_prepare_with_a_config_file(tmp_path, small_corpus, small_tokenizer, capsys):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"dir": str(tmp_path / "run")},
+                "data": {"source": str(small_corpus), "cache_dir": str(tmp_path / "c")},
+                "tokenizer": {"path": str(small_tokenizer.path)},
+            }
+        )
+    )
+    assert main(["prepare", str(path), "train.batch_size=4"]) == 0
+    assert "of 4 sequences" in capsys.readouterr().out
