@@ -1,0 +1,96 @@
+"""Model sizes: the derived defaults of `ModelConfig` and parameter counts.
+
+`resolve_model_config` turns the config's `0 = derive it` fields into numbers; every model
+module works from the resolved config. `count_params` is the closed-form count, documented per
+variant; `param_count` measures a built (or `nnx.eval_shape`d) model.
+
+What it leaves out: variant strings are checked where their tables live (`transformer.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+from flax import nnx
+
+from plm_jax.config import ModelConfig
+
+__all__ = ["count_params", "param_count", "resolve_model_config"]
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Fills the sizes left at 0 and checks what the model itself needs.
+
+    num_kv_heads 0 -> num_heads; head_dim 0 -> embed_dim // num_heads; mlp_dim 0 -> 4 * embed_dim
+    for GELU, or LLaMA's rule for SwiGLU: int(2/3 * 4 * embed_dim) (as many parameters as a 4x
+    GELU MLP), rounded up to a multiple of 256.
+
+    Raises:
+      ValueError: vocab_size not positive, or heads that do not divide.
+    """
+    if cfg.vocab_size <= 0:
+        raise ValueError(
+            f"model.vocab_size={cfg.vocab_size}: the model needs a positive vocabulary size; "
+            "set it from the tokenizer (model.vocab_size=0 is only a config placeholder)"
+        )
+    kv_heads = cfg.num_kv_heads or cfg.num_heads
+    if cfg.num_heads % kv_heads:
+        raise ValueError(
+            f"model.num_heads={cfg.num_heads} is not divisible by model.num_kv_heads={kv_heads}; "
+            "each kv head serves a whole group of query heads"
+        )
+    if not cfg.head_dim and cfg.embed_dim % cfg.num_heads:
+        raise ValueError(
+            f"model.embed_dim={cfg.embed_dim} is not divisible by model.num_heads="
+            f"{cfg.num_heads}; set model.head_dim explicitly or pick a dividing head count"
+        )
+    mlp_dim = cfg.mlp_dim
+    if not mlp_dim and cfg.mlp == "gelu":
+        mlp_dim = 4 * cfg.embed_dim
+    elif not mlp_dim:
+        mlp_dim = 256 * math.ceil(int(2 * 4 * cfg.embed_dim / 3) / 256)
+    return dataclasses.replace(
+        cfg,
+        num_kv_heads=kv_heads,
+        head_dim=cfg.head_dim or cfg.embed_dim // cfg.num_heads,
+        mlp_dim=mlp_dim,
+    )
+
+
+def _pick(table: dict[str, Any], key: str, field: str) -> Any:
+    if key not in table:
+        raise ValueError(f"model.{field}={key!r} is not supported; choose one of {list(table)}")
+    return table[key]
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Closed-form parameter count of `Decoder(cfg)`.
+
+    With D embed, V vocab, P max_seq_len, N/K heads, H head dim, F mlp dim, b = use_bias:
+      embeddings  V*D, plus P*D for learned positions (none for RoPE)
+      norm        2D for LayerNorm with bias, else D (LayerNorm without bias, RMSNorm)
+      attention   D*N*H (q) + 2*D*K*H (k, v) + N*H*D (o) + b*(N*H + 2*K*H + D)
+      mlp         GELU: 2*D*F + b*(F + D);  SwiGLU: 3*D*F + b*(2F + D)
+      total       embeddings + layers * (2 norm + attention + mlp) + norm + (0 tied | D*V)
+    GPT-2 124M: 124,439,808. Llama 3.2 1B: 1,235,814,400.
+    """
+    c = resolve_model_config(cfg)
+    d, v, f, b = c.embed_dim, c.vocab_size, c.mlp_dim, int(c.use_bias)
+    n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
+    norm = _pick({"layernorm": d * (1 + b), "rmsnorm": d}, c.norm, "norm")
+    attention = d * n * h + 2 * d * k * h + n * h * d + b * (n * h + 2 * k * h + d)
+    mlp = _pick(
+        {"gelu": 2 * d * f + b * (f + d), "swiglu": 3 * d * f + b * (2 * f + d)}, c.mlp, "mlp"
+    )
+    positions = _pick({"learned": c.max_seq_len * d, "rope": 0}, c.position, "position")
+    embeddings = v * d + positions
+    head = 0 if c.tie_embeddings else d * v
+    return embeddings + c.num_layers * (2 * norm + attention + mlp) + norm + head
+
+
+def param_count(model: nnx.Module) -> int:
+    """Measured number of parameters (works on `nnx.eval_shape` abstract models too)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
