@@ -20,3 +20,7 @@ class DataError(UserError):
 
 class NotYetAvailable(UserError):
     """A command whose issue has not landed yet."""
+
+
+class TrainingError(UserError):
+    """Training cannot continue (non-finite loss); the message says what to change."""

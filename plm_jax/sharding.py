@@ -67,8 +67,9 @@ def use_mesh(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Iterator[Mes
     rules_token = _RULES.set(dict(DEFAULT_AXIS_RULES if rules is None else rules))
     mesh_token = _MESH.set(mesh)
     try:
-        with jax.set_mesh(mesh):
-            yield mesh
+        # No jax.set_mesh here: constrain() builds explicit NamedShardings, and Flax would read
+        # the parameters' logical names as mesh axes under an ambient mesh.
+        yield mesh
     finally:
         _MESH.reset(mesh_token)
         _RULES.reset(rules_token)
@@ -104,9 +105,25 @@ def logical_to_spec(names: LogicalNames, rules: Mapping[str, Any] | None = None)
 
 
 def logical_to_sharding(
-    names: LogicalNames, mesh: Mesh, rules: Mapping[str, Any] | None = None
+    names: LogicalNames,
+    mesh: Mesh,
+    rules: Mapping[str, Any] | None = None,
+    shape: Sequence[int] | None = None,
 ) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(names, rules))
+    """The `NamedSharding` of an array with these logical names on `mesh`.
+
+    With `shape`, a dimension that its mesh axes do not divide evenly stays replicated (e.g. 2
+    kv heads on 4 tensor devices: each device keeps both kv heads).
+    """
+    spec = logical_to_spec(names, rules)
+    if shape is not None:
+        fitted = []
+        for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+            group = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            devices = int(np.prod([mesh.shape[a] for a in group])) if group else 1
+            fitted.append(axes if size % devices == 0 else None)
+        spec = PartitionSpec(*fitted)
+    return NamedSharding(mesh, spec)
 
 
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:

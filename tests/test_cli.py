@@ -55,7 +55,6 @@ def test_debug_shows_the_traceback():
 @pytest.mark.parametrize(
     "argv, issue",
     [
-        (["pretrain"], 3),
         (["finetune", "x.yaml"], 5),
         (["eval", "runs/x"], 3),
         (["score", "ckpt", "--text", "hi"], 3),

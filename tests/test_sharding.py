@@ -24,7 +24,8 @@ def test_logical_rules():
     assert logical_to_spec(("embed", "mlp")) == PartitionSpec("fsdp", "tensor")
     assert logical_to_spec(("vocab", "embed")) == PartitionSpec("tensor", "fsdp")
     assert logical_to_spec(("act_batch", "act_seq", "act_embed")) == PartitionSpec(
-        ("data", "fsdp"), None, None)
+        ("data", "fsdp"), None, None
+    )
     # a mesh axis is used once per array: the second tensor-mapped dim stays replicated
     assert logical_to_spec(("heads", "mlp")) == PartitionSpec("tensor", None)
     assert logical_to_spec(("layers", "embed", None)) == PartitionSpec(None, "fsdp", None)
@@ -42,3 +43,13 @@ def test_constrain_applies_inside_use_mesh_only():
         y = jax.jit(lambda a: constrain(a * 2, ("act_batch", "act_seq", "act_mlp")))(x)
     assert y.sharding.spec == PartitionSpec(("data", "fsdp"), None, "tensor")
     np.testing.assert_array_equal(np.asarray(y), 2 * np.ones((8, 4, 16)))
+
+
+def test_dimensions_the_mesh_does_not_divide_stay_replicated():
+    from plm_jax.sharding import logical_to_sharding
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+    kv = logical_to_sharding(("embed", "kv_heads", "head_dim"), mesh, shape=(64, 2, 16))
+    assert kv.spec == PartitionSpec("fsdp", None, None)  # 2 kv heads on 4 tensor devices
+    q = logical_to_sharding(("embed", "heads", "head_dim"), mesh, shape=(64, 8, 16))
+    assert q.spec == PartitionSpec("fsdp", "tensor", None)

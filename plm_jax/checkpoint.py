@@ -1,0 +1,138 @@
+"""Orbax checkpoints of a run: train state, data iterator state and resolved config.
+
+`<run dir>/checkpoints/<step>/` holds three items:
+
+    state   the `TrainState` (params, optimizer state, step, RNG key), saved as sharded arrays
+    data    the data iterator state (JSON, e.g. {"next_index": 1234})
+    config  the resolved config (JSON)
+
+Saves are asynchronous (`checkpoint.use_async`): the step returns while Orbax writes in the
+background, and a checkpoint becomes visible only once committed, so `latest_step()` never
+names a half-written one. Restoring takes the abstract state with the *current* shardings, so a
+checkpoint written on one mesh loads directly into another.
+
+What it leaves out: checksum verification and fallback past corrupt checkpoints (issue #8).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from plm_jax.config import CheckpointConfig
+from plm_jax.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Saves and restores the checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
+        self.directory = Path(run_dir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep,
+            enable_async_checkpointing=cfg.use_async and not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        if read_only and not self.directory.is_dir():
+            raise DataError(f"no checkpoints in {self.directory.parent}; train a model there first")
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        }
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(
+        self, step: int, state: Any, data_state: dict, config: dict, *, force: bool = False
+    ) -> bool:
+        """Starts saving `step` (asynchronously); returns whether a save was started."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config),
+        )
+        return self._manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """Restores `step` into the shardings of `abstract_state` (ShapeDtypeStructs).
+
+        Raises:
+          DataError: the checkpoint's arrays do not fit `abstract_state` (another architecture).
+        """
+        _check_shapes(self.read_metadata(step), abstract_state, self.directory / str(step))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        )
+        restored = self._manager.restore(step, args=args)
+        return restored["state"], restored["data"], restored["config"]
+
+    def restore_config(self, step: int) -> dict:
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+        return restored["config"]
+
+    def read_metadata(self, step: int) -> Any:
+        """The saved state's tree of array metadata (shape, dtype)."""
+        return self._manager.item_metadata(step)["state"]
+
+    def wait(self) -> None:
+        """Blocks until background saves are committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _path_name(path: tuple) -> str:
+    """'params.blocks.0.attn.w_q.value' for both Orbax metadata and live pytrees."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return ".".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(p): tuple(leaf.shape) for p, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _check_shapes(saved: Any, target: Any, where: Path) -> None:
+    """Refuses a checkpoint whose array shapes differ from the model's, naming them."""
+    if saved is None:
+        raise DataError(f"checkpoint {where} has no state metadata; it is incomplete")
+    saved_shapes, target_shapes = _shapes(saved), _shapes(target)
+    mismatched = [
+        f"{key}: checkpoint {saved_shapes.get(key, 'missing')} vs model {shape}"
+        for key, shape in target_shapes.items()
+        if key.startswith("params.") and saved_shapes.get(key) != shape
+    ]
+    extra = sorted(k for k in saved_shapes if k.startswith("params.") and k not in target_shapes)
+    mismatched += [f"{key}: in checkpoint, not in model" for key in extra]
+    if mismatched:
+        more = f"; ... {len(mismatched) - 4} more" if len(mismatched) > 4 else ""
+        raise DataError(
+            f"checkpoint {where} does not fit this model ({len(mismatched)} parameters differ: "
+            f"{'; '.join(mismatched[:4])}{more}); use the config the checkpoint was trained "
+            "with, or a new run.dir"
+        )

@@ -1,0 +1,268 @@
+"""The pretraining loop: data -> jitted step -> metrics, evaluation and checkpoints.
+
+    setup   mesh, tokenizer, data pipeline, optimizer, state (restored or fresh, sharded)
+    compile the train step once, with explicit in/out shardings and the state donated
+    loop    fetch metrics every `log_every` steps (NaN/Inf checked on the host), evaluate every
+            `eval_every`, save every `save_every` (asynchronously) and at the end
+
+A run directory that holds checkpoints resumes from the newest one: parameters, optimizer
+state, step and the data iterator position, so the resumed run continues exactly as the
+uninterrupted one would have. Dropout keys are folded from the step, so results do not depend
+on how often the run logs or saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from plm_jax.checkpoint import Checkpointer
+from plm_jax.config import Config, ModelConfig, config_to_dict, save_config, validate_for_devices
+from plm_jax.data.pipeline import Pipeline, build_pipeline, load_or_train_tokenizer
+from plm_jax.errors import ConfigError, TrainingError
+from plm_jax.metrics import MetricsWriter, ProgressBar, StepTimer, peak_flops, train_flops_per_token
+from plm_jax.sharding import batch_sharding, make_mesh, shard_batch, use_mesh
+from plm_jax.tokenizer import Tokenizer
+from plm_jax.train.optimizer import lr_schedule, make_optimizer
+from plm_jax.train.state import TrainState, abstract_train_state, init_train_state, state_shardings
+from plm_jax.train.step import eval_step, train_step
+
+log = logging.getLogger(__name__)
+
+VOCAB_MULTIPLE = 128  # embedding rows padded for even tensor-parallel splits and matmul tiles
+
+
+def resolve_vocab(model: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """The model config with `vocab_size` filled from the tokenizer (padded to 128).
+
+    Raises:
+      ConfigError: an explicit `model.vocab_size` smaller than the tokenizer's.
+    """
+    if model.vocab_size == 0:
+        padded = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return dataclasses.replace(model, vocab_size=padded)
+    if model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} pieces ({tokenizer.path}); set model.vocab_size=0"
+        )
+    return model
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run holds between steps; built by `setup`, driven by `run`."""
+
+    cfg: Config
+    model_cfg: ModelConfig
+    tokenizer: Tokenizer
+    mesh: Any
+    pipeline: Pipeline
+    state: TrainState
+    shardings: TrainState
+    checkpointer: Checkpointer
+    writer: MetricsWriter
+    step_fn: Any = None
+    eval_fn: Any = None
+
+
+def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
+    """Builds (or restores) everything a run needs, before any step is compiled."""
+    validate_for_devices(cfg, jax.device_count())
+    mesh = make_mesh(cfg.mesh)
+    is_primary = jax.process_index() == 0
+    tokenizer = load_or_train_tokenizer(cfg, show_progress=show_progress and is_primary)
+    model_cfg = resolve_vocab(cfg.model, tokenizer)
+    pipeline = build_pipeline(
+        cfg,
+        tokenizer,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        show_progress=show_progress and is_primary,
+    )
+    tx = make_optimizer(cfg.train)
+    checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint)
+    with use_mesh(mesh, cfg.mesh.rules):
+        shardings = state_shardings(model_cfg, tx, mesh, cfg.mesh.rules)
+        latest = checkpointer.latest_step()
+        if latest is None:
+            state, _ = init_train_state(model_cfg, tx, mesh, cfg.run.seed, cfg.mesh.rules)
+        else:
+            abstract = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                abstract_train_state(model_cfg, tx),
+                shardings,
+            )
+            state, data_state, _ = checkpointer.restore(latest, abstract)
+            pipeline.train.set_state(data_state)
+            log.info("resumed from %s at step %d", checkpointer.directory / str(latest), latest)
+    if is_primary:
+        save_config(cfg, cfg.run_dir / "config.yaml")
+    writer = MetricsWriter(cfg.run_dir, enabled=is_primary)
+    return Trainer(
+        cfg, model_cfg, tokenizer, mesh, pipeline, state, shardings, checkpointer, writer
+    )
+
+
+def compile_steps(tr: Trainer, first_batch: dict[str, jax.Array]) -> None:
+    """Compiles the train and eval steps once; logs compile time and memory estimate."""
+    from flax import nnx
+
+    from plm_jax.train.state import model_graphdef
+
+    cfg = tr.cfg
+    graphdef, _ = model_graphdef(tr.model_cfg)
+    batch_sh = batch_sharding(tr.mesh)
+    replicated = NamedSharding(tr.mesh, PartitionSpec())
+    step = jax.jit(
+        partial(
+            train_step,
+            graphdef=graphdef,  # static: the model's structure, merged with params inside
+            tx=make_optimizer(cfg.train),  # static: optimizer transformations
+            schedule=lr_schedule(cfg.train),  # static: learning-rate schedule
+            grad_accum=cfg.train.grad_accum,  # static: micro-batches per step
+            use_dropout=cfg.model.dropout > 0,
+        ),
+        in_shardings=(tr.shardings, batch_sh),  # state as derived; batch rows over data x fsdp
+        out_shardings=(tr.shardings, replicated),  # state keeps its layout; metrics replicated
+        donate_argnums=0,  # the old state's buffers become the new state's
+    )
+    start = time.perf_counter()
+    with use_mesh(tr.mesh, cfg.mesh.rules):
+        compiled = step.lower(tr.state, first_batch).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    info = f"train step compiled in {seconds:.1f} s"
+    if memory is not None:
+        total = sum(
+            getattr(memory, f, 0) or 0
+            for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+        )
+        info += f"; compiled memory estimate {total / 2**20:.1f} MiB per device"
+    log.info(info)
+    tr.writer.write_text("compile", info)
+    tr.step_fn = compiled
+    tr.eval_fn = jax.jit(
+        partial(eval_step, graphdef=graphdef),
+        in_shardings=(tr.shardings.params, batch_sh),
+        out_shardings=replicated,
+    )
+    del nnx
+
+
+def evaluate(tr: Trainer) -> dict[str, float]:
+    """Loss and perplexity over the held-out split (`train.eval_batches` batches, 0 = all)."""
+    loader = tr.pipeline.eval_batches(jax.process_index(), jax.process_count())
+    if loader is None:
+        return {}
+    loss_sum = tokens = 0.0
+    with use_mesh(tr.mesh, tr.cfg.mesh.rules):
+        for i, local in enumerate(loader):
+            if tr.cfg.train.eval_batches and i >= tr.cfg.train.eval_batches:
+                break
+            batch = shard_batch(local, tr.mesh, tr.cfg.train.batch_size)
+            out = jax.device_get(tr.eval_fn(tr.state.params, batch))
+            loss_sum += float(out["loss_sum"])
+            tokens += float(out["tokens"])
+    loss = loss_sum / max(tokens, 1.0)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": tokens}
+
+
+def _summarise(pending: list[dict[str, Any]]) -> dict[str, float]:
+    """Token-weighted mean loss over the steps since the last log, latest lr and grad norm."""
+    fetched = jax.device_get(pending)
+    tokens = np.array([m["train/tokens"] for m in fetched], np.float64)
+    losses = np.array([m["train/loss"] for m in fetched], np.float64)
+    return {
+        "train/loss": float((losses * tokens).sum() / max(tokens.sum(), 1.0)),
+        "train/grad_norm": float(fetched[-1]["train/grad_norm"]),
+        "train/lr": float(fetched[-1]["train/lr"]),
+        "train/tokens": float(tokens.sum()),
+    }
+
+
+def run(tr: Trainer, *, show_progress: bool = True, until: int | None = None) -> dict[str, Any]:
+    """Trains from the current step to `train.steps` (or stops after step `until`, with a
+    checkpoint, as an interrupted run would); returns the last logged metrics."""
+    cfg, t = tr.cfg, tr.cfg.train
+    start_step = int(jax.device_get(tr.state.step))
+    config_dict = config_to_dict(cfg)
+    flops = train_flops_per_token(tr.model_cfg, tr.model_cfg.vocab_size, cfg.model.max_seq_len)
+    try:
+        peak, peak_source = peak_flops(jax.devices())
+        log.info("MFU formula: %s; peak %.3g FLOP/s (%s)", flops["formula"], peak, peak_source)
+    except ValueError as e:  # an accelerator missing from the peak table: no MFU, say why
+        peak = None
+        log.warning("perf/mfu not reported: %s", e)
+    timer = StepTimer(flops_per_token=flops["flops_per_token"], peak=peak)
+    bar = ProgressBar(t.steps, initial=start_step, enabled=show_progress)
+    padded_per_step = t.batch_size * cfg.model.max_seq_len
+    pending: list[dict[str, Any]] = []
+    last: dict[str, Any] = {}
+    if start_step >= t.steps:
+        log.info("run already complete at step %d (train.steps=%d)", start_step, t.steps)
+    stop = t.steps if until is None else min(until, t.steps)
+    for step in range(start_step, stop):
+        batch = shard_batch(next(tr.pipeline.train), tr.mesh, t.batch_size)
+        if tr.step_fn is None:
+            compile_steps(tr, batch)
+            timer.reset()
+        with use_mesh(tr.mesh, cfg.mesh.rules):
+            tr.state, metrics = tr.step_fn(tr.state, batch)
+        pending.append(metrics)
+        done = step + 1
+        saving = done % cfg.checkpoint.save_every == 0 or done == stop
+        if done % t.log_every == 0 or saving:  # fetch before saving: never save a NaN state
+            last = {"step": done, **_summarise(pending)}
+            last.update(
+                timer.lap(len(pending), last["train/tokens"], padded_per_step * len(pending))
+            )
+            pending = []
+            if not math.isfinite(last["train/loss"]) or not math.isfinite(last["train/grad_norm"]):
+                raise TrainingError(
+                    f"non-finite loss or gradient at step {done} (loss={last['train/loss']}, "
+                    f"grad_norm={last['train/grad_norm']}); lower train.lr or raise "
+                    "train.warmup_steps, then resume from the last checkpoint"
+                )
+            tr.writer.write(done, {k: v for k, v in last.items() if k != "step"})
+            bar.update(done, loss=last["train/loss"], tokens_per_sec=last["perf/tokens_per_sec"])
+        if done % t.eval_every == 0 or done == t.steps:
+            evals = evaluate(tr)
+            if evals:
+                tr.writer.write(done, evals)
+                last.update(evals)
+                log.info(
+                    "step %d: eval loss %.4f, perplexity %.2f",
+                    done,
+                    evals["eval/loss"],
+                    evals["eval/perplexity"],
+                )
+            timer.reset()
+        if saving:
+            tr.checkpointer.save(
+                done, tr.state, tr.pipeline.train.get_state(), config_dict, force=done == stop
+            )
+    bar.close()
+    tr.checkpointer.wait()
+    return last
+
+
+def pretrain(
+    cfg: Config, *, show_progress: bool = True, until: int | None = None
+) -> dict[str, Any]:
+    """Sets up (or resumes) a run and trains it to `train.steps` (or to step `until`)."""
+    tr = setup(cfg, show_progress=show_progress)
+    try:
+        return run(tr, show_progress=show_progress, until=until)
+    finally:
+        tr.checkpointer.wait()
+        tr.checkpointer.close()
+        tr.writer.close()

@@ -1,0 +1,109 @@
+"""Pure train and eval steps for next-token prediction.
+
+Loss normalisation: every micro-batch's loss is its *sum* of token cross-entropies divided by
+the number of real (weight-1) target tokens in the whole accumulated batch, and the micro-batch
+gradients are summed. So k micro-batches give the same gradient as one batch k times larger
+(up to float rounding), however the padding is spread among them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from plm_jax.sharding import constrain
+from plm_jax.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]  # inputs/targets/segment_ids/positions: [B, L] int32; weights f32
+Metrics = dict[str, jax.Array]
+
+
+def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """Sum over tokens of weighted cross-entropy, in float32.
+
+    Args:
+      logits: [B, L, V]; targets: [B, L] int32; weights: [B, L] (0 for padding and
+        cross-document targets).
+
+    Returns:
+      [] the weighted sum of -log p(target).
+    """
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(ce * weights)
+
+
+def _forward_loss(params, graphdef, batch: Batch, key: jax.Array | None) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    rngs = None if key is None else nnx.Rngs(dropout=key)
+    out = model(
+        batch["inputs"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        deterministic=key is None,
+        rngs=rngs,
+    )
+    return next_token_loss(out.logits, batch["targets"], batch["weights"])
+
+
+def _split_micro(batch: Batch, grad_accum: int) -> Batch:
+    """[B, ...] -> [A, B/A, ...], micro-batch a = rows a, a+A, a+2A, ...
+
+    Strided rows keep each micro-batch spread over every batch-sharded device (contiguous
+    blocks would put a whole micro-batch on a few devices).
+    """
+
+    def split(x):
+        x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "act_batch", *([None] * (x.ndim - 2))))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int,
+    use_dropout: bool,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step over `grad_accum` micro-batches. Pure: no I/O, no host transfers."""
+    total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def micro_grad(grads, micro):
+        mb, index = micro
+        key = jax.random.fold_in(step_key, index) if use_dropout else None
+        loss, g = jax.value_and_grad(_forward_loss)(state.params, graphdef, mb, key)
+        return jax.tree.map(jnp.add, grads, g), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    micro = (_split_micro(batch, grad_accum), jnp.arange(grad_accum))
+    grads, losses = jax.lax.scan(micro_grad, zeros, micro)
+    grads = jax.tree.map(lambda g: g / total, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        rng=state.rng,
+    )
+    metrics = {
+        "train/loss": jnp.sum(losses) / total,
+        "train/grad_norm": optax.global_norm(grads),
+        "train/lr": schedule(state.step),
+        "train/tokens": jnp.sum(batch["weights"]),
+    }
+    return new_state, metrics
+
+
+def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef) -> Metrics:
+    """Summed loss and token count of one batch (summed again over batches by the caller)."""
+    loss = _forward_loss(params, graphdef, batch, None)
+    return {"loss_sum": loss, "tokens": jnp.sum(batch["weights"])}
