@@ -16,7 +16,9 @@ What it leaves out: checksum verification and fallback past corrupt checkpoints 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,8 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
         self.directory = Path(run_dir).absolute() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
+            max_to_keep=None if read_only else cfg.keep,
+            save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=cfg.use_async and not read_only,
             create=not read_only,
             read_only=read_only,
@@ -80,18 +83,30 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(),
         )
-        restored = self._manager.restore(step, args=args)
+        with self._reading(step):
+            restored = self._manager.restore(step, args=args)
         return restored["state"], restored["data"], restored["config"]
 
     def restore_config(self, step: int) -> dict:
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-        )
-        return restored["config"]
+        with self._reading(step):
+            args = ocp.args.Composite(config=ocp.args.JsonRestore())
+            return self._manager.restore(step, args=args)["config"]
 
     def read_metadata(self, step: int) -> Any:
         """The saved state's tree of array metadata (shape, dtype)."""
-        return self._manager.item_metadata(step)["state"]
+        with self._reading(step):
+            return self._manager.item_metadata(step)["state"]
+
+    @contextlib.contextmanager
+    def _reading(self, step: int) -> Iterator[None]:
+        """Turns Orbax's errors about missing or unreadable items into one clear DataError."""
+        try:
+            yield
+        except (KeyError, ValueError, OSError) as e:
+            raise DataError(
+                f"checkpoint {self.directory / str(step)} is incomplete or corrupt "
+                f"({type(e).__name__}: {str(e)[:200]}); delete it to resume from an older one"
+            ) from e
 
     def wait(self) -> None:
         """Blocks until background saves are committed."""

@@ -8,6 +8,8 @@ in one line and exit 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import time
@@ -31,9 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="plm-jax: %(message)s",
         stream=sys.stderr,
     )
-    if not args.debug:  # Orbax/absl and jax log their internals at INFO
+    if not args.debug:  # Orbax (through absl) and jax log their internals at INFO/WARNING
         for name in ("absl", "jax", "orbax"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.ERROR)
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_USER_ERROR
@@ -129,47 +131,56 @@ def build_parser() -> argparse.ArgumentParser:
         not_yet("finetune", 5, "fine-tuning"),
     )
 
-    def checkpoint_command(name: str, help_text: str, issue: int, what: str, *extra):
+    def checkpoint_command(name: str, help_text: str, handler: Callable, *extra):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+        p.add_argument(
+            "checkpoint",
+            metavar="RUN_OR_CHECKPOINT",
+            help="a run directory (its newest checkpoint) or runs/NAME/checkpoints/STEP",
+        )
         for flag, kwargs in extra:
             p.add_argument(flag, **kwargs)
-        p.set_defaults(handler=not_yet(name, issue, what))
+        p.set_defaults(handler=handler)
 
+    as_json = ("--json", dict(action="store_true", help="print one JSON object per line"))
     checkpoint_command(
         "eval",
-        "loss, perplexity and task metrics of a checkpoint",
-        3,
-        "evaluation",
-        ("--data", dict(metavar="FILE")),
+        "loss and perplexity of a checkpoint on its held-out split or on --data",
+        cmd_eval,
+        ("--data", dict(metavar="FILE", help="text/JSONL file, directory or glob to evaluate")),
+        ("--batch-size", dict(type=int, default=None)),
+        as_json,
     )
     checkpoint_command(
         "score",
-        "log-probability of a text under a checkpoint",
-        3,
-        "scoring",
-        ("--text", dict(required=True, action="append")),
+        "log-probability of texts under a checkpoint (log P(text), per token)",
+        cmd_score,
+        ("--text", dict(required=True, action="append", help="repeat for several texts")),
+        ("--add-eos", dict(action="store_true", help="also score the end of the text")),
+        as_json,
     )
     checkpoint_command(
         "generate",
-        "sample or greedy-decode continuations",
-        3,
-        "generation",
-        ("--prompt", dict(required=True, action="append")),
+        "continue prompts with the KV cache (greedy by default)",
+        cmd_generate,
+        ("--prompt", dict(required=True, action="append", help="repeat for a batch")),
         ("--max-new-tokens", dict(type=int, default=64)),
+        ("--temperature", dict(type=float, default=0.0, help="0 = greedy")),
+        ("--top-k", dict(type=int, default=0, help="0 = no top-k filter")),
+        ("--top-p", dict(type=float, default=1.0, help="nucleus sampling mass")),
+        ("--seed", dict(type=int, default=0)),
+        as_json,
     )
     checkpoint_command(
         "embed",
         "last hidden states and pooled vectors",
-        4,
-        "embeddings",
+        not_yet("embed", 4, "embeddings"),
         ("--text", dict(required=True, action="append")),
     )
     checkpoint_command(
         "predict",
         "task predictions for a JSONL file",
-        5,
-        "prediction",
+        not_yet("predict", 5, "prediction"),
         ("--input", dict(required=True, metavar="FILE.jsonl")),
     )
 
@@ -252,6 +263,79 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     final = pretrain(cfg)
     shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("train/", "eval/"))}
     print(f"run {cfg.run_dir}: step {final.get('step', '-')}: {shown}")
+    _print_sample(cfg)
+    return 0
+
+
+SAMPLE_PROMPT = "Return the"
+
+
+def _print_sample(cfg) -> None:
+    """A sampled continuation from the final checkpoint, so a run ends with something to read."""
+    import jax
+
+    import plm_jax
+
+    if jax.process_index() != 0:
+        return
+    lm = plm_jax.load(cfg.run_dir)
+    max_new = min(48, cfg.model.max_seq_len - len(lm.tokenizer.encode(SAMPLE_PROMPT)) - 1)
+    if max_new < 1:
+        return
+    (sample,) = lm.generate(
+        SAMPLE_PROMPT, max_new_tokens=max_new, temperature=0.8, top_k=40, seed=cfg.run.seed
+    )
+    print(f"sample (temperature 0.8, top-k 40): {sample.prompt}{sample.text}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import plm_jax
+
+    result = plm_jax.load(args.checkpoint).evaluate(args.data, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"step {result['step']}: loss {result['eval/loss']:.4f}, perplexity "
+            f"{result['eval/perplexity']:.3f} over {int(result['eval/tokens'])} tokens"
+        )
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import plm_jax
+
+    for s in plm_jax.load(args.checkpoint).score(args.text, add_eos=args.add_eos):
+        if args.json:
+            print(json.dumps(dataclasses.asdict(s)))
+            continue
+        print(
+            f"log P = {s.total_logprob:.4f} nats over {s.num_tokens} tokens, "
+            f"perplexity {s.perplexity:.3f}" + (f" ({s.windows} windows)" if s.windows > 1 else "")
+        )
+        for piece, lp in zip(s.pieces, s.token_logprobs, strict=True):
+            print(f"  {lp:9.4f}  {piece!r}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import plm_jax
+
+    lm = plm_jax.load(args.checkpoint)
+    outs = lm.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    for g in outs:
+        if args.json:
+            print(json.dumps(dataclasses.asdict(g)))
+        else:
+            print(f"{g.prompt}{g.text}")
+            print(f"[{len(g.token_ids)} tokens, {g.finish_reason}]")
     return 0
 
 

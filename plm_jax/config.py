@@ -55,8 +55,8 @@ class ModelConfig:
     preset: str = "tiny"
     family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
     vocab_size: int = 0  # 0: take the tokenizer's vocabulary size
-    num_layers: int = 2
-    embed_dim: int = 64
+    num_layers: int = 4
+    embed_dim: int = 128
     num_heads: int = 4
     num_kv_heads: int = 0  # 0: same as num_heads (multi-head); 1: multi-query; else grouped
     head_dim: int = 0  # 0: embed_dim // num_heads
@@ -160,10 +160,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32  # global, in sequences
+    steps: int = 600
+    batch_size: int = 16  # global, in sequences
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 50
@@ -206,7 +206,7 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    save_every: int = 250
+    save_every: int = 200
     keep: int = 3
     use_async: bool = True
 

@@ -2,8 +2,13 @@
 
 import os
 
+# Tiny test models spend most of their time compiling: XLA's cheaper CPU backend passes
+# roughly halve that and leave results deterministic (exact-resume tests compare runs that
+# were compiled the same way).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -30,3 +35,21 @@ def small_tokenizer(small_corpus, tmp_path_factory):
     return train_tokenizer(
         text, tmp_path_factory.mktemp("tok"), vocab_size=512, show_progress=False
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_corpus, small_tokenizer):
+    """A run directory holding a 1-layer decoder trained for 4 steps (checkpoints at 2 and 4)."""
+    from plm_jax.config import load_config
+    from plm_jax.train.loop import pretrain
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    cfg = load_config(None, [
+        f"data.source={small_corpus}", f"data.cache_dir={tmp / 'cache'}", f"run.dir={tmp / 'run'}",
+        f"tokenizer.path={small_tokenizer.path}", "model.max_seq_len=32", "model.num_layers=1",
+        "model.embed_dim=32", "train.batch_size=8", "train.steps=4", "train.warmup_steps=1",
+        "train.log_every=2", "train.eval_every=4", "train.eval_batches=0",
+        "checkpoint.save_every=2",
+    ])
+    pretrain(cfg, show_progress=False)
+    return tmp / "run"

@@ -56,9 +56,6 @@ def test_debug_shows_the_traceback():
     "argv, issue",
     [
         (["finetune", "x.yaml"], 5),
-        (["eval", "runs/x"], 3),
-        (["score", "ckpt", "--text", "hi"], 3),
-        (["generate", "ckpt", "--prompt", "hi"], 3),
         (["embed", "ckpt", "--text", "hi"], 4),
         (["predict", "ckpt", "--input", "a.jsonl"], 5),
         (["convert", "--from", "hf", "--input", "a", "--output", "b"], 4),
@@ -156,3 +153,11 @@ def test_prepare_with_a_config_file(tmp_path, small_corpus, small_tokenizer, cap
     )
     assert main(["prepare", str(path), "train.batch_size=4"]) == 0
     assert "of 4 sequences" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["eval", "score", "generate"])
+def test_checkpoint_commands_on_a_missing_path_exit_2(command, tmp_path, capsys):
+    extra = {"eval": [], "score": ["--text", "hi"], "generate": ["--prompt", "hi"]}[command]
+    assert main([command, str(tmp_path / "nothing"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]

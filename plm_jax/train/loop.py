@@ -176,6 +176,19 @@ def evaluate(tr: Trainer) -> dict[str, float]:
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": tokens}
 
 
+def _log_eval(tr: Trainer, step: int) -> dict[str, float]:
+    evals = evaluate(tr)
+    if evals:
+        tr.writer.write(step, evals)
+        log.info(
+            "step %d: eval loss %.4f, perplexity %.2f",
+            step,
+            evals["eval/loss"],
+            evals["eval/perplexity"],
+        )
+    return evals
+
+
 def _summarise(pending: list[dict[str, Any]]) -> dict[str, float]:
     """Token-weighted mean loss over the steps since the last log, latest lr and grad norm."""
     fetched = jax.device_get(pending)
@@ -214,6 +227,8 @@ def run(tr: Trainer, *, show_progress: bool = True, until: int | None = None) ->
         batch = shard_batch(next(tr.pipeline.train), tr.mesh, t.batch_size)
         if tr.step_fn is None:
             compile_steps(tr, batch)
+            if step == 0:  # the starting point that the final eval loss is compared with
+                _log_eval(tr, 0)
             timer.reset()
         with use_mesh(tr.mesh, cfg.mesh.rules):
             tr.state, metrics = tr.step_fn(tr.state, batch)
@@ -235,16 +250,7 @@ def run(tr: Trainer, *, show_progress: bool = True, until: int | None = None) ->
             tr.writer.write(done, {k: v for k, v in last.items() if k != "step"})
             bar.update(done, loss=last["train/loss"], tokens_per_sec=last["perf/tokens_per_sec"])
         if done % t.eval_every == 0 or done == t.steps:
-            evals = evaluate(tr)
-            if evals:
-                tr.writer.write(done, evals)
-                last.update(evals)
-                log.info(
-                    "step %d: eval loss %.4f, perplexity %.2f",
-                    done,
-                    evals["eval/loss"],
-                    evals["eval/perplexity"],
-                )
+            last.update(_log_eval(tr, done))
             timer.reset()
         if saving:
             tr.checkpointer.save(

@@ -1,0 +1,155 @@
+"""Using a trained model from Python: `plm_jax.load(path)` and its methods.
+
+    model = plm_jax.load("runs/quickstart")      # a run directory: its newest checkpoint
+    model = plm_jax.load("runs/quickstart/checkpoints/200")   # or one checkpoint
+    model.score(["Return the absolute value."])  # log P(text), per-token log-probs
+    model.generate(["def "], max_new_tokens=32)   # KV-cache decoding
+    model.evaluate()                              # loss/perplexity on the held-out split
+
+The checkpoint's own saved config rebuilds the model, so no YAML is needed. What it leaves out:
+fine-tuned task heads (issue #5) and Hugging Face directories (issue #4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from plm_jax.checkpoint import Checkpointer
+from plm_jax.config import Config, MeshConfig, config_from_dict
+from plm_jax.data.loader import eval_loader
+from plm_jax.data.packing import PackedWindows
+from plm_jax.data.prepare import prepare_data
+from plm_jax.errors import DataError
+from plm_jax.infer import Generation, TextScore, generate, score_texts
+from plm_jax.models import Decoder
+from plm_jax.sharding import batch_sharding, make_mesh, shard_batch
+from plm_jax.tokenizer import Tokenizer
+from plm_jax.train.loop import resolve_vocab
+from plm_jax.train.optimizer import make_optimizer
+from plm_jax.train.state import abstract_train_state, model_graphdef, state_shardings
+from plm_jax.train.step import eval_step
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A trained decoder with its tokenizer and config, ready for inference."""
+
+    model: Decoder
+    tokenizer: Tokenizer
+    config: Config
+    step: int
+    path: Path
+
+    def score(self, texts: list[str] | str, **kwargs: Any) -> list[TextScore]:
+        """Log-probabilities of each text (see `plm_jax.infer.score_texts`)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return score_texts(self.model, self.tokenizer, texts, **kwargs)
+
+    def generate(self, prompts: list[str] | str, **kwargs: Any) -> list[Generation]:
+        """Continuations of each prompt (see `plm_jax.infer.generate`)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return generate(self.model, self.tokenizer, prompts, **kwargs)
+
+    def evaluate(self, data: str | None = None, *, batch_size: int | None = None) -> dict:
+        """Loss and perplexity on `data` (a file, directory or glob) or the run's held-out split.
+
+        Raises:
+          DataError: no held-out split and no `data`, or unreadable data.
+        """
+        return evaluate_model(self, data, batch_size=batch_size)
+
+
+def _locate(path: str | Path) -> tuple[Path, int | None]:
+    """(run directory, checkpoint step or None for the newest) of a user-given path."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{str(path)!r} does not exist; give a run directory or a checkpoint")
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        return path, None
+    raise DataError(
+        f"{str(path)!r} is neither a run directory (with checkpoints/) nor a checkpoint "
+        "(runs/NAME/checkpoints/STEP)"
+    )
+
+
+def load(path: str | Path) -> LoadedModel:
+    """Loads a decoder checkpoint with its tokenizer and saved config.
+
+    Raises:
+      DataError: a missing path, a run without checkpoints, or a missing tokenizer.
+    """
+    run_dir, step = _locate(path)
+    checkpointer = Checkpointer(run_dir, Config().checkpoint, read_only=True)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None or step not in checkpointer.all_steps():
+            raise DataError(f"no committed checkpoint {step if step else ''} in {run_dir}")
+        cfg = config_from_dict(checkpointer.restore_config(step))
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
+        tokenizer = _load_tokenizer(cfg, run_dir)
+        model_cfg = resolve_vocab(cfg.model, tokenizer)
+        tx = make_optimizer(cfg.train)
+        mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+        shardings = state_shardings(model_cfg, tx, mesh, cfg.mesh.rules)
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_train_state(model_cfg, tx),
+            shardings,
+        )
+        state, _, _ = checkpointer.restore(step, abstract)
+    finally:
+        checkpointer.close()
+    graphdef, _ = model_graphdef(model_cfg)
+    model = nnx.merge(graphdef, state.params)
+    return LoadedModel(model, tokenizer, cfg, step, run_dir / "checkpoints" / str(step))
+
+
+def _load_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:
+    if cfg.tokenizer.path:
+        return Tokenizer.load(cfg.tokenizer.path)
+    if not (run_dir / "tokenizer").is_dir():
+        raise DataError(f"{run_dir} has no tokenizer/ directory; it is not a complete run")
+    return Tokenizer.load(run_dir / "tokenizer")
+
+
+def evaluate_model(lm: LoadedModel, data: str | None, *, batch_size: int | None) -> dict:
+    """Token-weighted loss over every window of `data` or of the run's held-out split."""
+    cfg = lm.config
+    batch = batch_size or cfg.train.batch_size
+    data_cfg = (
+        cfg.data if data is None else dataclasses.replace(cfg.data, source=data, eval_fraction=0.0)
+    )
+    prepared = prepare_data(data_cfg, lm.tokenizer, show_progress=False)
+    store = prepared.train if data is not None else prepared.eval
+    if store is None:
+        raise DataError(f"run {cfg.run_dir} has no held-out split; pass --data FILE")
+    mesh = make_mesh(MeshConfig(), devices=jax.devices())
+    batch = -(-batch // mesh.size) * mesh.size  # every device gets whole rows
+    windows = PackedWindows(
+        store, cfg.model.max_seq_len, lm.tokenizer.pad_id, pad_to_multiple=batch
+    )
+    graphdef, params = nnx.split(lm.model, nnx.Param)
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))  # replicated
+    step = jax.jit(partial(eval_step, graphdef=graphdef), in_shardings=(None, batch_sharding(mesh)))
+    loss_sum = tokens = 0.0
+    for local in eval_loader(windows, global_batch=batch):
+        out = jax.device_get(step(params, shard_batch(local, mesh, batch)))
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = loss_sum / max(tokens, 1.0)
+    return {
+        "eval/loss": loss,
+        "eval/perplexity": math.exp(min(loss, 50.0)),
+        "eval/tokens": tokens,
+        "step": lm.step,
+    }
