@@ -36,8 +36,22 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
         self.directory = Path(run_dir).absolute() / "checkpoints"
+        policy = None
+        if cfg.keep_best and not read_only:  # newest `keep` plus the lowest eval loss
+            policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+                [
+                    ocp.checkpoint_managers.preservation_policy.LatestN(n=cfg.keep),
+                    ocp.checkpoint_managers.preservation_policy.BestN(
+                        get_metric_fn=lambda m: m["eval/loss"],
+                        reverse=True,
+                        n=1,
+                        keep_checkpoints_without_metrics=False,
+                    ),
+                ]
+            )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else cfg.keep,
+            preservation_policy=policy,
+            max_to_keep=None if read_only or policy is not None else cfg.keep,
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=cfg.use_async and not read_only,
             create=not read_only,
@@ -61,15 +75,25 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(
-        self, step: int, state: Any, data_state: dict, config: dict, *, force: bool = False
+        self,
+        step: int,
+        state: Any,
+        data_state: dict,
+        config: dict,
+        *,
+        metrics: dict[str, float] | None = None,
+        force: bool = False,
     ) -> bool:
-        """Starts saving `step` (asynchronously); returns whether a save was started."""
+        """Starts saving `step` (asynchronously); returns whether a save was started.
+
+        `metrics` (e.g. {"eval/loss": ...}) rank checkpoints for `checkpoint.keep_best`.
+        """
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config),
         )
-        return self._manager.save(step, args=args, force=force)
+        return self._manager.save(step, args=args, metrics=metrics, force=force)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """Restores `step` into the shardings of `abstract_state` (ShapeDtypeStructs).

@@ -207,7 +207,8 @@ class MeshConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     save_every: int = 200
-    keep: int = 3
+    keep: int = 3  # the newest `keep` checkpoints stay
+    keep_best: bool = False  # also keep the one with the lowest eval/loss (saved at eval steps)
     use_async: bool = True
 
 

@@ -44,12 +44,24 @@ def tiny_run(tmp_path_factory, small_corpus, small_tokenizer):
     from plm_jax.train.loop import pretrain
 
     tmp = tmp_path_factory.mktemp("tiny_run")
-    cfg = load_config(None, [
-        f"data.source={small_corpus}", f"data.cache_dir={tmp / 'cache'}", f"run.dir={tmp / 'run'}",
-        f"tokenizer.path={small_tokenizer.path}", "model.max_seq_len=32", "model.num_layers=1",
-        "model.embed_dim=32", "train.batch_size=8", "train.steps=4", "train.warmup_steps=1",
-        "train.log_every=2", "train.eval_every=4", "train.eval_batches=0",
-        "checkpoint.save_every=2",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"data.source={small_corpus}",
+            f"data.cache_dir={tmp / 'cache'}",
+            f"run.dir={tmp / 'run'}",
+            f"tokenizer.path={small_tokenizer.path}",
+            "model.max_seq_len=32",
+            "model.num_layers=1",
+            "model.embed_dim=32",
+            "train.batch_size=8",
+            "train.steps=4",
+            "train.warmup_steps=1",
+            "train.log_every=2",
+            "train.eval_every=4",
+            "train.eval_batches=0",
+            "checkpoint.save_every=2",
+        ],
+    )
     pretrain(cfg, show_progress=False)
     return tmp / "run"

@@ -16,12 +16,13 @@ from plm_jax.metrics import read_metrics
 def test_run_directory_has_metrics_config_and_checkpoints(tiny_run):
     assert (tiny_run / "config.yaml").is_file()
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir() if p.name.isdigit()) == [
-        "2", "4"]
+        "2",
+        "4",
+    ]
     records = read_metrics(tiny_run / "metrics.jsonl")
     train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == [2, 4]
-    for key in ["train/grad_norm", "train/lr", "perf/tokens_per_sec", "perf/mfu",
-                "perf/step_time"]:
+    for key in ["train/grad_norm", "train/lr", "perf/tokens_per_sec", "perf/mfu", "perf/step_time"]:
         assert key in train[-1]
     evals = [r for r in records if "eval/loss" in r]
     assert evals and evals[-1]["eval/perplexity"] == pytest.approx(np.exp(evals[-1]["eval/loss"]))
@@ -74,8 +75,22 @@ def test_cli_score_generate_eval(tiny_run, capsys):
     assert main(["score", str(tiny_run), "--text", "Return x.", "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["total_logprob"] == pytest.approx(sum(scored["token_logprobs"]), rel=1e-6)
-    assert main(["generate", str(tiny_run), "--prompt", "Return", "--prompt", "The value",
-                 "--max-new-tokens", "5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tiny_run),
+                "--prompt",
+                "Return",
+                "--prompt",
+                "The value",
+                "--max-new-tokens",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [g["prompt"] for g in lines] == ["Return", "The value"]
     assert all(1 <= len(g["token_ids"]) <= 5 for g in lines)
@@ -84,7 +99,6 @@ def test_cli_score_generate_eval(tiny_run, capsys):
 
 
 def test_cli_prompt_too_long_is_one_line_exit_2(tiny_run, capsys):
-    assert main(["generate", str(tiny_run), "--prompt", "word " * 40,
-                 "--max-new-tokens", "8"]) == 2
+    assert main(["generate", str(tiny_run), "--prompt", "word " * 40, "--max-new-tokens", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "max-new-tokens" in err[0]

@@ -198,17 +198,19 @@ def losses(run_dir):
     return {d["step"]: d["train/loss"] for d in lines if "train/loss" in d}
 
 
-def final_params(cfg):
+def final_params(cfg, with_paths=False):
     tr = loop.setup(cfg, show_progress=False)
-    leaves = [np.asarray(x) for x in jax.tree.leaves(tr.state.params)]
+    leaves = jax.tree_util.tree_flatten_with_path(tr.state.params)[0]
     tr.checkpointer.close()
-    return leaves
+    if with_paths:
+        return [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in leaves]
+    return [np.asarray(x) for _, x in leaves]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, small_corpus, small_tokenizer):
     tmp = tmp_path_factory.mktemp("resume")
-    cfg = run_config(tmp, small_corpus, small_tokenizer, 12, name="whole")
+    cfg = run_config(tmp, small_corpus, small_tokenizer, 40, name="whole")
     loop.pretrain(cfg, show_progress=False)
     return tmp, losses(tmp / "whole"), final_params(cfg)
 
@@ -216,12 +218,12 @@ def uninterrupted(tmp_path_factory, small_corpus, small_tokenizer):
 def test_resume_is_bit_identical(uninterrupted, small_corpus, small_tokenizer):
     tmp, whole, whole_params = uninterrupted
     loop.pretrain(
-        run_config(tmp, small_corpus, small_tokenizer, 12, name="split"),
+        run_config(tmp, small_corpus, small_tokenizer, 40, name="split"),
         show_progress=False,
-        until=8,
+        until=20,
     )  # stops as an interrupted run would
-    cfg = run_config(tmp, small_corpus, small_tokenizer, 12, name="split")
-    loop.pretrain(cfg, show_progress=False)  # resumes from the step-8 checkpoint
+    cfg = run_config(tmp, small_corpus, small_tokenizer, 40, name="split")
+    loop.pretrain(cfg, show_progress=False)  # resumes from the step-20 checkpoint
     assert losses(tmp / "split") == whole  # exact, step by step
     for a, b in zip(final_params(cfg), whole_params, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -230,15 +232,15 @@ def test_resume_is_bit_identical(uninterrupted, small_corpus, small_tokenizer):
 def test_resume_on_another_mesh(uninterrupted, small_corpus, small_tokenizer):
     tmp, whole, whole_params = uninterrupted
     loop.pretrain(
-        run_config(tmp, small_corpus, small_tokenizer, 12, name="mesh"),
+        run_config(tmp, small_corpus, small_tokenizer, 40, name="mesh"),
         show_progress=False,
-        until=8,
+        until=20,
     )
     cfg = run_config(
         tmp,
         small_corpus,
         small_tokenizer,
-        12,
+        40,
         "mesh.data=2",
         "mesh.fsdp=2",
         "mesh.tensor=2",
@@ -247,10 +249,16 @@ def test_resume_on_another_mesh(uninterrupted, small_corpus, small_tokenizer):
     loop.pretrain(cfg, show_progress=False)
     resumed = losses(tmp / "mesh")
     np.testing.assert_allclose(
-        [resumed[s] for s in range(1, 13)], [whole[s] for s in range(1, 13)], rtol=1e-5
+        [resumed[s] for s in range(1, 41)], [whole[s] for s in range(1, 41)], rtol=1e-5
     )
-    for a, b in zip(final_params(cfg), whole_params, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for (path, a), b in zip(final_params(cfg, with_paths=True), whole_params, strict=True):
+        if "b_k" in path:
+            # The key bias adds q.b_k to every logit of a row, which softmax ignores: its
+            # gradient is analytically zero, and Adam scales the float noise left in it up to
+            # steps of ~lr * 1e-3. Both runs keep it at that noise level.
+            assert np.abs(a).max() < 1e-4 and np.abs(b).max() < 1e-4
+            continue
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
 
 
 def test_incompatible_checkpoint_is_refused_naming_shapes(

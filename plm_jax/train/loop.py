@@ -234,6 +234,7 @@ def run(tr: Trainer, *, show_progress: bool = True, until: int | None = None) ->
             tr.state, metrics = tr.step_fn(tr.state, batch)
         pending.append(metrics)
         done = step + 1
+        evals: dict[str, float] = {}
         saving = done % cfg.checkpoint.save_every == 0 or done == stop
         if done % t.log_every == 0 or saving:  # fetch before saving: never save a NaN state
             last = {"step": done, **_summarise(pending)}
@@ -250,11 +251,18 @@ def run(tr: Trainer, *, show_progress: bool = True, until: int | None = None) ->
             tr.writer.write(done, {k: v for k, v in last.items() if k != "step"})
             bar.update(done, loss=last["train/loss"], tokens_per_sec=last["perf/tokens_per_sec"])
         if done % t.eval_every == 0 or done == t.steps:
-            last.update(_log_eval(tr, done))
+            evals = _log_eval(tr, done)
+            last.update(evals)
             timer.reset()
         if saving:
+            ranked = {"eval/loss": evals["eval/loss"]} if evals else None
             tr.checkpointer.save(
-                done, tr.state, tr.pipeline.train.get_state(), config_dict, force=done == stop
+                done,
+                tr.state,
+                tr.pipeline.train.get_state(),
+                config_dict,
+                metrics=ranked,
+                force=done == stop,
             )
     bar.close()
     tr.checkpointer.wait()
