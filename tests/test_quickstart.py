@@ -1,6 +1,7 @@
 """The quick start as a user runs it: `plm-jax pretrain` with no arguments (slow: ~6 min)."""
 
 import json
+import os
 import subprocess
 import sys
 
