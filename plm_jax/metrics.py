@@ -358,6 +358,33 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def truncate_metrics(run_dir: str | Path, last_step: int) -> int:
+    """Drops records after `last_step` from metrics.jsonl; returns how many were dropped.
+
+    A run resumed from the checkpoint of `last_step` recomputes the later steps exactly, so
+    their old records would only appear twice. The file is replaced atomically.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            dropped += 1  # a line cut short by the crash
+            continue
+        if step > last_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+    return dropped
+
+
 class ProgressBar:
     """A tqdm bar on stderr: step/total, loss and tokens/s.
 

@@ -1,7 +1,6 @@
 """The quick start as a user runs it: `plm-jax pretrain` with no arguments (slow: ~6 min)."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -1,6 +1,7 @@
 """Training: optimizer, gradient accumulation, sharded state, exact resume, bad checkpoints."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ from jax.sharding import PartitionSpec
 
 from plm_jax.config import MeshConfig, ModelConfig, TrainConfig, load_config
 from plm_jax.errors import DataError, TrainingError
+from plm_jax.metrics import read_metrics
 from plm_jax.sharding import batch_sharding, make_mesh, use_mesh
 from plm_jax.train import loop
 from plm_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer
@@ -220,11 +222,14 @@ def test_resume_is_bit_identical(uninterrupted, small_corpus, small_tokenizer):
     loop.pretrain(
         run_config(tmp, small_corpus, small_tokenizer, 40, name="split"),
         show_progress=False,
-        until=20,
-    )  # stops as an interrupted run would
+        until=23,
+    )  # stops as an interrupted run would, 3 steps after its last checkpoint (20)
+    shutil.rmtree(tmp / "split" / "checkpoints" / "23")
     cfg = run_config(tmp, small_corpus, small_tokenizer, 40, name="split")
     loop.pretrain(cfg, show_progress=False)  # resumes from the step-20 checkpoint
     assert losses(tmp / "split") == whole  # exact, step by step
+    steps = [r["step"] for r in read_metrics(tmp / "split") if "train/loss" in r]
+    assert steps == sorted(set(steps))  # records past the checkpoint were not kept twice
     for a, b in zip(final_params(cfg), whole_params, strict=True):
         np.testing.assert_array_equal(a, b)
 

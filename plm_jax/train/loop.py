@@ -28,7 +28,14 @@ from plm_jax.checkpoint import Checkpointer
 from plm_jax.config import Config, ModelConfig, config_to_dict, save_config, validate_for_devices
 from plm_jax.data.pipeline import Pipeline, build_pipeline, load_or_train_tokenizer
 from plm_jax.errors import ConfigError, TrainingError
-from plm_jax.metrics import MetricsWriter, ProgressBar, StepTimer, peak_flops, train_flops_per_token
+from plm_jax.metrics import (
+    MetricsWriter,
+    ProgressBar,
+    StepTimer,
+    peak_flops,
+    train_flops_per_token,
+    truncate_metrics,
+)
 from plm_jax.sharding import batch_sharding, make_mesh, shard_batch, use_mesh
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.optimizer import lr_schedule, make_optimizer
@@ -104,6 +111,8 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
             state, data_state, _ = checkpointer.restore(latest, abstract)
             pipeline.train.set_state(data_state)
             log.info("resumed from %s at step %d", checkpointer.directory / str(latest), latest)
+            if is_primary:
+                truncate_metrics(cfg.run_dir, latest)
     if is_primary:
         save_config(cfg, cfg.run_dir / "config.yaml")
     writer = MetricsWriter(cfg.run_dir, enabled=is_primary)
