@@ -39,7 +39,13 @@ from plm_jax.metrics import (
 from plm_jax.sharding import batch_sharding, make_mesh, shard_batch, use_mesh
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.optimizer import lr_schedule, make_optimizer
-from plm_jax.train.state import TrainState, abstract_train_state, init_train_state, state_shardings
+from plm_jax.train.state import (
+    TrainState,
+    abstract_train_state,
+    init_train_state,
+    model_graphdef,
+    state_shardings,
+)
 from plm_jax.train.step import eval_step, train_step
 
 log = logging.getLogger(__name__)
@@ -123,10 +129,6 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
 
 def compile_steps(tr: Trainer, first_batch: dict[str, jax.Array]) -> None:
     """Compiles the train and eval steps once; logs compile time and memory estimate."""
-    from flax import nnx
-
-    from plm_jax.train.state import model_graphdef
-
     cfg = tr.cfg
     graphdef, _ = model_graphdef(tr.model_cfg)
     batch_sh = batch_sharding(tr.mesh)
@@ -164,7 +166,6 @@ def compile_steps(tr: Trainer, first_batch: dict[str, jax.Array]) -> None:
         in_shardings=(tr.shardings.params, batch_sh),
         out_shardings=replicated,
     )
-    del nnx
 
 
 def evaluate(tr: Trainer) -> dict[str, float]:
