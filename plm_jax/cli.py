@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import yaml
 
 from plm_jax import __version__
-from plm_jax.errors import NotYetAvailable, UserError
+from plm_jax.errors import ConfigError, NotYetAvailable, UserError
 
 log = logging.getLogger("plm_jax")
 
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", dest="dst", choices=["hf", "plm_jax"], default="plm_jax")
     conv.add_argument("--input", required=True, metavar="DIR")
     conv.add_argument("--output", required=True, metavar="DIR")
-    conv.set_defaults(handler=not_yet("convert", 4, "Hugging Face conversion"))
+    conv.set_defaults(handler=cmd_convert)
     return parser
 
 
@@ -336,6 +336,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             print(f"{g.prompt}{g.text}")
             print(f"[{len(g.token_ids)} tokens, {g.finish_reason}]")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from plm_jax.convert.run import export_hf, import_hf
+
+    if (args.src, args.dst) == ("hf", "plm_jax"):
+        path = import_hf(args.input, args.output)
+        print(f"wrote {path} (use it with plm-jax score/generate/eval {args.output})")
+    elif (args.src, args.dst) == ("plm_jax", "hf"):
+        path = export_hf(args.input, args.output)
+        print(f"wrote {path} (config.json + model.safetensors)")
+    else:
+        raise ConfigError(
+            f"convert --from {args.src} --to {args.dst} is not a conversion; use --from hf "
+            "(import a Hugging Face directory) or --to hf (export a plm_jax checkpoint)"
+        )
     return 0
 
 

@@ -41,12 +41,15 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sentencepiece as spm
 from tqdm import tqdm
 
 from plm_jax.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from plm_jax.hf_tokenizer import HfTokenizer
 
 __all__ = ["Tokenizer", "train_tokenizer"]
 
@@ -195,12 +198,16 @@ class Tokenizer:
         self._space_symbol_ids = byte_ids if has_bytes else None
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
+    def load(cls, path: str | Path) -> Tokenizer | HfTokenizer:
         """Loads a directory written by `train_tokenizer`, or a SentencePiece .model file.
 
         The mask piece comes from the tokenizer.json written beside the model; without one (or
         with another library's tokenizer.json) it is the model's only control symbol other than
         pad/bos/eos, if there is exactly one.
+
+        A Hugging Face tokenizer (a directory with a tokenizer.json not written here and no
+        tokenizer.model, or the path of such a json) loads as `plm_jax.hf_tokenizer.HfTokenizer`,
+        which has the same interface.
 
         Raises:
           DataError: the path is missing, is not a SentencePiece model, lacks pad/unk/bos/eos,
@@ -208,6 +215,11 @@ class Tokenizer:
         """
         path = Path(path)
         model_path = path / MODEL_FILE if path.is_dir() else path
+        hf_json = path / META_FILE if path.is_dir() and not model_path.is_file() else path
+        if hf_json.suffix == ".json" and hf_json.is_file() and _read_meta(hf_json) is None:
+            from plm_jax.hf_tokenizer import HfTokenizer  # not ours: Hugging Face's (or corrupt)
+
+            return HfTokenizer.load(hf_json)
         if not model_path.is_file():
             raise DataError(
                 f"tokenizer not found: {str(model_path)!r} does not exist; give a directory "

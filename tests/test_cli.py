@@ -58,7 +58,6 @@ def test_debug_shows_the_traceback():
         (["finetune", "x.yaml"], 5),
         (["embed", "ckpt", "--text", "hi"], 4),
         (["predict", "ckpt", "--input", "a.jsonl"], 5),
-        (["convert", "--from", "hf", "--input", "a", "--output", "b"], 4),
     ],
 )
 def test_commands_not_yet_available_say_so_and_exit_2(argv, issue, capsys):

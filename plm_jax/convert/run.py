@@ -1,0 +1,117 @@
+"""Whole checkpoints between Hugging Face directories and plm_jax run directories.
+
+    import_hf(hf_dir, run_dir)   config.json + safetensors + tokenizer.json -> a run directory
+                                 (config.yaml, tokenizer/, checkpoints/0) that `plm_jax.load`,
+                                 `score`, `generate`, `eval` and `pretrain init` read
+    export_hf(run_or_ckpt, dir)  a decoder checkpoint -> config.json + model.safetensors (+ the
+                                 Hugging Face tokenizer files, when the run has them)
+
+The imported checkpoint holds a fresh optimizer state (AdamW moments at zero) beside the
+weights, so a run can continue training from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from plm_jax.checkpoint import Checkpointer
+from plm_jax.config import Config, RunConfig, TokenizerConfig, config_to_dict, save_config
+from plm_jax.convert.hf import load_hf_decoder, save_hf_decoder
+from plm_jax.errors import DataError
+from plm_jax.tokenizer import Tokenizer
+from plm_jax.train.optimizer import make_optimizer
+from plm_jax.train.state import TrainState
+
+# Files of a Hugging Face tokenizer directory that travel with the weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
+    """Converts a Hugging Face GPT-2/LLaMA directory into a plm_jax run directory.
+
+    Raises:
+      DataError: missing/corrupt files, no tokenizer.json, or an existing checkpoint in
+        `run_dir` (never overwritten).
+      ConfigError: an architecture or option plm_jax does not model.
+    """
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    if (run_dir / "checkpoints").exists():
+        raise DataError(f"{run_dir} already holds checkpoints; choose a new --output directory")
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise DataError(
+            f"{hf_dir} has no tokenizer.json; save the Hugging Face tokenizer there "
+            "(tokenizer.save_pretrained(dir)) so the converted model can read text"
+        )
+    model = load_hf_decoder(hf_dir)
+    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, tokenizer_dir / name)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise DataError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+            f"{model.cfg.vocab_size} rows; the two files do not belong together"
+        )
+    cfg = Config(
+        run=RunConfig(name=run_dir.name, dir=str(run_dir)),
+        model=dataclasses.replace(model.cfg, preset="tiny"),
+        tokenizer=TokenizerConfig(vocab_size=tokenizer.vocab_size),
+        init_from=str(hf_dir),
+    )
+    params = nnx.state(model, nnx.Param)
+    tx = make_optimizer(cfg.train)
+    state = TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(cfg.run.seed)),
+    )
+    save_config(cfg, run_dir / "config.yaml")
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    try:
+        checkpointer.save(0, state, {"next_index": 0}, config_to_dict(cfg), force=True)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    return run_dir / "checkpoints" / "0"
+
+
+def export_hf(path: str | Path, out_dir: str | Path) -> Path:
+    """Writes a plm_jax decoder checkpoint as a Hugging Face directory.
+
+    Raises:
+      DataError: `out_dir` already holds a config.json (never overwritten).
+      ConfigError: a model neither GPT-2 nor LLaMA can express.
+    """
+    from plm_jax.api import load
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        raise DataError(f"{out_dir} already holds a config.json; choose a new --output directory")
+    lm = load(path)
+    save_hf_decoder(lm.model, out_dir)
+    source = lm.tokenizer.path.parent
+    copied = [n for n in TOKENIZER_FILES if (source / n).is_file() and _is_hf(source / n)]
+    for name in copied:
+        shutil.copy2(source / name, out_dir / name)
+    if not copied:
+        shutil.copy2(lm.tokenizer.path, out_dir / lm.tokenizer.path.name)  # SentencePiece
+    return out_dir
+
+
+def _is_hf(path: Path) -> bool:
+    """False for plm_jax's own tokenizer.json (SentencePiece metadata), True otherwise."""
+    if path.name != "tokenizer.json":
+        return True
+    try:
+        return "model" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
