@@ -100,3 +100,33 @@ def test_convert_refuses_to_overwrite_and_needs_a_tokenizer(hf_gpt2, tmp_path, c
     )
     assert "no tokenizer.json" in capsys.readouterr().err
     assert main(["convert", "--from", "hf", "--to", "hf", "--input", "a", "--output", "b"]) == 2
+
+
+def test_pretraining_continues_from_a_converted_model(hf_gpt2, tmp_path, small_corpus):
+    from plm_jax.config import load_config
+    from plm_jax.metrics import read_metrics
+    from plm_jax.train.loop import pretrain
+
+    path, model, fast = hf_gpt2
+    run = tmp_path / "run"
+    assert main(["convert", "--from", "hf", "--input", str(path), "--output", str(run)]) == 0
+    tokenizer_json = (run / "tokenizer" / "tokenizer.json").read_bytes()
+    cfg = load_config(
+        run / "config.yaml",
+        [
+            f"data.source={small_corpus}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "model.max_seq_len=64",
+            "train.steps=3",
+            "train.warmup_steps=1",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.eval_every=3",
+            "train.eval_batches=1",
+        ],
+    )
+    pretrain(cfg, show_progress=False)
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer_json  # kept
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3]
+    assert plm_jax.load(run).step == 3

@@ -308,3 +308,11 @@ def test_gqa_with_fewer_kv_heads_than_tensor_devices():
     state, _ = init_train_state(cfg, make_optimizer(TrainConfig()), mesh, 0)
     w_k = state.params["blocks"][0]["attn"]["w_k"]
     assert w_k.sharding.spec == PartitionSpec("fsdp", None, None)
+
+
+def test_init_from_says_it_is_not_available_yet(tmp_path, small_corpus, small_tokenizer):
+    from plm_jax.errors import NotYetAvailable
+
+    cfg = run_config(tmp_path, small_corpus, small_tokenizer, 4, "init_from=runs/x", name="i")
+    with pytest.raises(NotYetAvailable, match=r"init_from='runs/x'.*issue #5"):
+        loop.setup(cfg, show_progress=False)

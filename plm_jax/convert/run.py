@@ -64,7 +64,6 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
         run=RunConfig(name=run_dir.name, dir=str(run_dir)),
         model=dataclasses.replace(model.cfg, preset="tiny"),
         tokenizer=TokenizerConfig(vocab_size=tokenizer.vocab_size),
-        init_from=str(hf_dir),
     )
     params = nnx.state(model, nnx.Param)
     tx = make_optimizer(cfg.train)

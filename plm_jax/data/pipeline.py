@@ -62,8 +62,10 @@ def load_or_train_tokenizer(cfg: Config, *, show_progress: bool = True) -> Token
     if cfg.tokenizer.path:
         return Tokenizer.load(cfg.tokenizer.path)
     run_tokenizer = cfg.run_dir / "tokenizer"
-    if run_tokenizer.is_dir() and any(run_tokenizer.glob("*.model")):
-        return Tokenizer.load(run_tokenizer)
+    if (run_tokenizer / "tokenizer.model").is_file() or (
+        run_tokenizer / "tokenizer.json"
+    ).is_file():
+        return Tokenizer.load(run_tokenizer)  # SentencePiece, or a converted model's HF tokenizer
     log.info("training a %d-piece tokenizer on %s", cfg.tokenizer.vocab_size, cfg.data.source)
     return train_tokenizer_from_config(cfg.data, cfg, run_tokenizer, show_progress=show_progress)
 

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from plm_jax.checkpoint import Checkpointer
 from plm_jax.config import Config, ModelConfig, config_to_dict, save_config, validate_for_devices
 from plm_jax.data.pipeline import Pipeline, build_pipeline, load_or_train_tokenizer
-from plm_jax.errors import ConfigError, TrainingError
+from plm_jax.errors import ConfigError, NotYetAvailable, TrainingError
 from plm_jax.metrics import (
     MetricsWriter,
     ProgressBar,
@@ -106,6 +106,12 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
     with use_mesh(mesh, cfg.mesh.rules):
         shardings = state_shardings(model_cfg, tx, mesh, cfg.mesh.rules)
         latest = checkpointer.latest_step()
+        if latest is None and cfg.init_from:
+            raise NotYetAvailable(
+                f"init_from={cfg.init_from!r}: starting a new run from pretrained weights lands "
+                "with issue #5. To continue training a converted or trained model, run "
+                "pretrain on its run directory (run.dir=...), which resumes from its checkpoint"
+            )
         if latest is None:
             state, _ = init_train_state(model_cfg, tx, mesh, cfg.run.seed, cfg.mesh.rules)
         else:
