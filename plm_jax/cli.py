@@ -261,8 +261,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         )
     log.info("resolved config:\n%s", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     final = pretrain(cfg)
+    if final.get("complete"):
+        print(
+            f"run {cfg.run_dir} is already complete at step {final['step']}; raise "
+            "train.steps to train it further"
+        )
     shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("train/", "eval/"))}
-    print(f"run {cfg.run_dir}: step {final.get('step', '-')}: {shown}")
+    if shown:
+        print(f"run {cfg.run_dir}: step {final['step']}: {shown}")
     _print_sample(cfg)
     return 0
 

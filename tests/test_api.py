@@ -102,3 +102,11 @@ def test_cli_prompt_too_long_is_one_line_exit_2(tiny_run, capsys):
     assert main(["generate", str(tiny_run), "--prompt", "word " * 40, "--max-new-tokens", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "max-new-tokens" in err[0]
+
+
+def test_pretrain_on_a_complete_run_says_so_and_samples(tiny_run, capsys):
+    assert main(["pretrain", str(tiny_run / "config.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert f"run {tiny_run} is already complete at step 4" in out
+    assert "sample (temperature 0.8, top-k 40): Return the" in out
+    assert [r["step"] for r in read_metrics(tiny_run) if "train/loss" in r] == [2, 4]

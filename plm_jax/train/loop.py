@@ -223,6 +223,9 @@ def run(tr: Trainer, *, show_progress: bool = True, until: int | None = None) ->
     checkpoint, as an interrupted run would); returns the last logged metrics."""
     cfg, t = tr.cfg, tr.cfg.train
     start_step = int(jax.device_get(tr.state.step))
+    if start_step >= t.steps:
+        log.info("run already complete at step %d (train.steps=%d)", start_step, t.steps)
+        return {"step": start_step, "complete": True}
     config_dict = config_to_dict(cfg)
     flops = train_flops_per_token(tr.model_cfg, tr.model_cfg.vocab_size, cfg.model.max_seq_len)
     try:
@@ -236,8 +239,6 @@ def run(tr: Trainer, *, show_progress: bool = True, until: int | None = None) ->
     padded_per_step = t.batch_size * cfg.model.max_seq_len
     pending: list[dict[str, Any]] = []
     last: dict[str, Any] = {}
-    if start_step >= t.steps:
-        log.info("run already complete at step %d (train.steps=%d)", start_step, t.steps)
     stop = t.steps if until is None else min(until, t.steps)
     for step in range(start_step, stop):
         batch = shard_batch(next(tr.pipeline.train), tr.mesh, t.batch_size)
