@@ -1,0 +1,145 @@
+"""Shared pieces of the benchmark scripts: model arguments, environment facts, the JSON line.
+
+Every script prints exactly one JSON line on stdout (its record) and logs to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+import jax
+
+from plm_jax.config import MODEL_PRESETS, ModelConfig
+
+TINY_DEFAULT_VOCAB = 4096
+
+log = logging.getLogger("benchmarks")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--preset, --vocab, --layers, --embed-dim, --heads, --dtype, --remat, --scan."""
+    parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
+    parser.add_argument(
+        "--vocab", type=int, default=None, help=f"vocab size (tiny: {TINY_DEFAULT_VOCAB})"
+    )
+    parser.add_argument("--layers", type=int, default=None, help="override num_layers")
+    parser.add_argument("--embed-dim", type=int, default=None, help="override embed_dim")
+    parser.add_argument("--heads", type=int, default=None, help="override num_heads")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    parser.add_argument("--scan", action="store_true", help="scan over layers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--peak-matmul-size",
+        type=int,
+        default=2048,
+        help="CPU only: size of the f32 matmul that measures the host's peak FLOP/s",
+    )
+
+
+def model_config(args: argparse.Namespace, min_seq_len: int) -> tuple[ModelConfig, dict[str, Any]]:
+    """The preset's `ModelConfig` with the command-line overrides, and the overrides applied.
+
+    `max_seq_len` is raised to `min_seq_len` when the preset's is shorter.
+    """
+    base = ModelConfig(**{**MODEL_PRESETS[args.preset], "preset": args.preset})
+    overrides: dict[str, Any] = {}
+    vocab = args.vocab if args.vocab is not None else (base.vocab_size or TINY_DEFAULT_VOCAB)
+    if vocab != base.vocab_size:
+        overrides["vocab_size"] = vocab
+    for field, value in (
+        ("num_layers", args.layers),
+        ("embed_dim", args.embed_dim),
+        ("num_heads", args.heads),
+    ):
+        if value is not None and value != getattr(base, field):
+            overrides[field] = value
+    if min_seq_len > base.max_seq_len:
+        overrides["max_seq_len"] = min_seq_len
+    settings = {"dtype": args.dtype, "remat": args.remat, "use_scan_layers": bool(args.scan)}
+    overrides.update({k: v for k, v in settings.items() if v != getattr(base, k)})
+    return dataclasses.replace(base, **overrides), overrides
+
+
+def model_summary(cfg: ModelConfig) -> dict[str, Any]:
+    fields = ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+    more = ("vocab_size", "max_seq_len", "position", "mlp", "norm", "tie_embeddings")
+    return {f: getattr(cfg, f) for f in fields + more}
+
+
+def device_info(devices: list[jax.Device]) -> dict[str, Any]:
+    return {
+        "device_kind": devices[0].device_kind,
+        "device_platform": devices[0].platform,
+        "device_count": len(devices),
+        "host_cpu_count": os.cpu_count(),
+    }
+
+
+def peak_memory_bytes(devices: list[jax.Device]) -> int | None:
+    """Largest `peak_bytes_in_use` over the devices, or None where jax does not report it."""
+    peaks = []
+    for device in devices:
+        try:
+            stats = device.memory_stats()
+        except Exception:  # some backends raise instead of returning None
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """XLA's per-device memory estimate of a compiled program (bytes), or None."""
+    try:
+        memory = compiled.memory_analysis()
+    except Exception:
+        memory = None
+    if memory is None:
+        return None
+    names = ("argument", "output", "temp", "alias", "generated_code")
+    out = {n: int(getattr(memory, f"{n}_size_in_bytes", 0) or 0) for n in names}
+    out["total_excl_alias"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "versions": {
+            "jax": jax.__version__,
+            "jaxlib": _version("jaxlib"),
+            "flax": _version("flax"),
+            "optax": _version("optax"),
+            "python": platform.python_version(),
+        },
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def emit(record: dict[str, Any]) -> dict[str, Any]:
+    """Prints the record as one JSON line on stdout and returns it."""
+    sys.stdout.write(json.dumps(record, allow_nan=False) + "\n")
+    sys.stdout.flush()
+    return record
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
