@@ -1,0 +1,104 @@
+"""plm_jax's training step against its PyTorch peers, run alternately on the same machine.
+
+    python -m benchmarks.compare --layers 4 --embed-dim 128 --heads 4 --vocab 4096 \
+        --seq-len 128 --batch 16 --steps 10 --rounds 2 [--with-compile]
+
+Each round runs, one after another and each in a fresh subprocess, `benchmarks.train_throughput
+--preset tiny` (plm_jax) and `benchmarks.peers.torch_gpt --impl eager|hf` (plus `compile` with
+`--with-compile`), with the same shape. Subprocesses get this environment minus `XLA_FLAGS`.
+Prints one JSON line: each system's tokens/s per round and median over rounds, and the ratios
+plm_jax / peer (> 1: plm_jax is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+SHAPE_FLAGS = ("layers", "embed_dim", "heads", "vocab", "seq_len", "batch", "steps", "warmup")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--embed-dim", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--with-compile", action="store_true", help="also torch.compile")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    return args
+
+
+def systems(args: argparse.Namespace) -> dict[str, list[str]]:
+    shape = []
+    for name in SHAPE_FLAGS:
+        shape += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    py = [sys.executable, "-m"]
+    out = {"plm_jax": py + ["benchmarks.train_throughput", "--preset", "tiny"] + shape}
+    impls = ["eager", "hf"] + (["compile"] if args.with_compile else [])
+    for impl in impls:
+        out[f"torch-{impl}"] = py + ["benchmarks.peers.torch_gpt", "--impl", impl] + shape
+    return out
+
+
+def run_one(cmd: list[str]) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs every system --rounds times, alternately; prints and returns the summary record."""
+    args = parse_args(argv)
+    cmds = systems(args)
+    per_round: dict[str, list[float]] = {name: [] for name in cmds}
+    params: dict[str, int] = {}
+    versions: dict[str, Any] = {}
+    threads = None
+    for r in range(args.rounds):
+        for name, cmd in cmds.items():
+            print(f"round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+            rec = run_one(cmd)
+            per_round[name].append(rec["tokens_per_sec"])
+            params[name] = rec["params_total"]
+            versions.update(rec.get("versions", {}))
+            threads = rec.get("threads", threads)
+    median = {name: statistics.median(v) for name, v in per_round.items()}
+    record = {
+        "benchmark": "compare",
+        "shape": {name: getattr(args, name) for name in SHAPE_FLAGS},
+        "rounds": args.rounds,
+        "tokens_per_sec_median": median,
+        "tokens_per_sec_rounds": per_round,
+        "ratio_plm_jax_over": {
+            name: median["plm_jax"] / v for name, v in median.items() if name != "plm_jax"
+        },
+        "params_total": params,
+        "torch_threads": threads,
+        "host_cpu_count": os.cpu_count(),
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+    return record
+
+
+if __name__ == "__main__":
+    main()

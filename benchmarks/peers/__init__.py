@@ -1,0 +1,6 @@
+"""Peer implementations of the plm_jax benchmarks (same model, same shapes, other frameworks).
+
+`torch_gpt`: the GPT-2 style training step in PyTorch (a nanoGPT-style module, optionally
+`torch.compile`d, or Hugging Face `GPT2LMHeadModel`). `benchmarks.compare` runs them alternately
+with `benchmarks.train_throughput`.
+"""
