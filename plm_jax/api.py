@@ -34,7 +34,7 @@ from plm_jax.sharding import batch_sharding, make_mesh, shard_batch
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.loop import resolve_vocab
 from plm_jax.train.optimizer import make_optimizer
-from plm_jax.train.state import abstract_train_state, model_graphdef, state_shardings
+from plm_jax.train.state import model_graphdef, sharded_abstract_state, state_shardings
 from plm_jax.train.step import eval_step
 
 
@@ -101,11 +101,7 @@ def load(path: str | Path) -> LoadedModel:
         tx = make_optimizer(cfg.train)
         mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
         shardings = state_shardings(model_cfg, tx, mesh, cfg.mesh.rules)
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_train_state(model_cfg, tx),
-            shardings,
-        )
+        abstract = sharded_abstract_state(model_cfg, tx, shardings)
         state, _, _ = checkpointer.restore(step, abstract)
     finally:
         checkpointer.close()

@@ -41,9 +41,9 @@ from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.optimizer import lr_schedule, make_optimizer
 from plm_jax.train.state import (
     TrainState,
-    abstract_train_state,
     init_train_state,
     model_graphdef,
+    sharded_abstract_state,
     state_shardings,
 )
 from plm_jax.train.step import eval_step, train_step
@@ -115,11 +115,7 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
         if latest is None:
             state, _ = init_train_state(model_cfg, tx, mesh, cfg.run.seed, cfg.mesh.rules)
         else:
-            abstract = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                abstract_train_state(model_cfg, tx),
-                shardings,
-            )
+            abstract = sharded_abstract_state(model_cfg, tx, shardings)
             state, data_state, _ = checkpointer.restore(latest, abstract)
             pipeline.train.set_state(data_state)
             log.info("resumed from %s at step %d", checkpointer.directory / str(latest), latest)

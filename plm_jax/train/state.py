@@ -62,6 +62,17 @@ def abstract_train_state(
     return jax.eval_shape(lambda: _init(jax.random.key(seed), model_cfg, tx))
 
 
+def sharded_abstract_state(
+    model_cfg: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
+    """`ShapeDtypeStruct`s carrying `shardings`: the target a checkpoint is restored into."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_train_state(model_cfg, tx),
+        shardings,
+    )
+
+
 def state_shardings(
     model_cfg: ModelConfig,
     tx: optax.GradientTransformation,
