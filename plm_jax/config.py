@@ -64,11 +64,22 @@ class ModelConfig:
     max_seq_len: int = 128
     position: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
+    # Llama 3.1+ frequency scaling of RoPE: "" for none, "llama3" with the four settings below.
+    rope_scaling: Literal["", "llama3"] = ""
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    norm_placement: Literal["pre", "post"] = "pre"  # post: BERT's x = Norm(x + Sublayer(x))
+    mlp: Literal["gelu", "gelu_exact", "swiglu"] = "gelu"  # gelu: tanh approximation (GPT-2)
     use_bias: bool = True
     tie_embeddings: bool = True
+    # Encoder only: token-type (segment A/B) embeddings, the [CLS] pooler and the MLM head.
+    type_vocab_size: int = 2
+    use_pooler: bool = True
+    use_mlm_head: bool = True
     dropout: float = 0.0
     attention: Literal["xla", "cudnn"] = "xla"
     use_scan_layers: bool = False
@@ -76,6 +87,20 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
 
+
+_BERT: dict[str, Any] = dict(
+    family="encoder",
+    vocab_size=30522,
+    max_seq_len=512,
+    position="learned",
+    norm="layernorm",
+    norm_eps=1e-12,
+    norm_placement="post",
+    mlp="gelu_exact",
+    use_bias=True,
+    tie_embeddings=True,
+    type_vocab_size=2,
+)
 
 # Published shapes. A preset fills the model section before the YAML file and the overrides,
 # so `model.preset=gpt2-124m model.num_layers=6` is a 6-layer GPT-2.
@@ -123,6 +148,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         use_bias=False,
         tie_embeddings=True,
     ),
+    # BERT (Devlin et al. 2019): post-norm, exact GELU, token types, pooler, tied MLM head.
+    "bert-base": dict(_BERT, num_layers=12, embed_dim=768, num_heads=12, mlp_dim=3072),
+    "bert-large": dict(_BERT, num_layers=24, embed_dim=1024, num_heads=16, mlp_dim=4096),
+    "bert-tiny": dict(_BERT, num_layers=2, embed_dim=128, num_heads=2, mlp_dim=512),
 }
 
 
@@ -151,6 +180,10 @@ class DataConfig:
     encoding_errors: Literal["strict", "replace"] = "strict"
     eval_fraction: float = 0.02  # documents held out for evaluation, chosen by content hash
     add_bos: bool = True
+    # Masked-LM (model.family=encoder): the share of tokens predicted, of which 80% become the
+    # mask token, 10% a random token and 10% stay; whole words (all their pieces) at once.
+    mask_prob: float = 0.15
+    whole_word_mask: bool = False
     cache_dir: str = ""  # "" means $PLM_JAX_CACHE or ~/.cache/plm_jax
     tokenize_threads: int = 0  # 0: all cores
     shard_tokens: int = 1 << 26  # tokens per on-disk shard
@@ -549,6 +582,21 @@ def validate(cfg: Config) -> None:
         )
     if m.position == "rope" and (m.head_dim or m.embed_dim // m.num_heads) % 2:
         raise ConfigError("RoPE rotates pairs of channels: the head dimension must be even")
+    if m.rope_scaling and not (
+        m.rope_scaling_factor >= 1.0
+        and m.rope_high_freq_factor > m.rope_low_freq_factor > 0
+        and m.rope_original_max_len > 0
+    ):
+        raise ConfigError(
+            "model.rope_scaling=llama3 needs rope_scaling_factor >= 1, "
+            "rope_high_freq_factor > rope_low_freq_factor > 0 and rope_original_max_len > 0"
+        )
+    if m.family == "encoder" and m.type_vocab_size < 0:
+        raise ConfigError(f"model.type_vocab_size={m.type_vocab_size} must be >= 0")
+    if m.rope_scaling and m.position != "rope":
+        raise ConfigError("model.rope_scaling needs model.position=rope")
+    if not 0.0 < d.mask_prob < 1.0:
+        raise ConfigError(f"data.mask_prob={d.mask_prob} must be in (0, 1); BERT uses 0.15")
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
     if not d.source:
