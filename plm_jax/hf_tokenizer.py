@@ -1,18 +1,21 @@
-"""Hugging Face tokenizers: a `tokenizer.json` behind the same interface as `Tokenizer`.
+"""Hugging Face tokenizers: a `tokenizer.json` or BERT `vocab.txt` behind `Tokenizer`'s interface.
 
 Holds `HfTokenizer`, which loads a Hugging Face `tokenizer.json` (GPT-2 and LLaMA 3 byte-level
 BPE, BERT WordPiece, ...) with the `tokenizers` library and produces exactly the ids Hugging Face
-produces, so a model converted from the Hub sees the token ids it was trained on. It leaves out
-training tokenizers (`plm_jax.tokenizer.train_tokenizer` trains SentencePiece models), chat
-templates, and adding bos/eos to sequences (`plm_jax.data` and the scorer do that themselves).
+produces, so a model converted from the Hub sees the token ids it was trained on. A directory
+with only a BERT `vocab.txt` (and its tokenizer_config.json) gets the WordPiece pipeline that
+transformers' `BertTokenizer` builds from it, built here in code. It leaves out training
+tokenizers (`plm_jax.tokenizer.train_tokenizer` trains SentencePiece models), chat templates,
+truncation and padding (`plm_jax.data` packs and cuts sequences).
 
 `Tokenizer.load` returns an `HfTokenizer` for a directory that holds a Hugging Face tokenizer.json
-(and no SentencePiece tokenizer.model), or for the path of such a file.
+or a vocab.txt (and no SentencePiece tokenizer.model), or for the path of such a file.
 
 Differences from the SentencePiece `Tokenizer`:
 
 - `encode` never adds the post-processor's special tokens (`add_special_tokens=False`): no
-  `<|begin_of_text|>` for LLaMA 3 and no [CLS]/[SEP] for BERT.
+  `<|begin_of_text|>` for LLaMA 3 and no [CLS]/[SEP] for BERT. `encode_pair` adds them, as
+  `tokenizer(text, text_pair)` in transformers does.
 - Literal special-token strings in text (e.g. "<|endoftext|>") are matched as those tokens, as
   Hugging Face does; `decode` then drops them, so such text does not round-trip.
 - Round trip: byte-level BPE is lossless, `decode(encode(text)) == text` for any valid Unicode
@@ -22,22 +25,31 @@ Differences from the SentencePiece `Tokenizer`:
   are lost.
 - `unk_id`: byte-level BPE never emits an unknown token; a tokenizer that names none (LLaMA 3)
   gets `unk_id = eos_id`, the convention of GPT-2's own config.
+- `word_starts` reads the word boundary from the tokenizer's pieces: WordPiece marks a
+  continuation with "##", byte-level BPE a word start with "Ġ" (an encoded space) and
+  Metaspace (SentencePiece-converted) tokenizers with "\u2581". Byte-level BPE glues no space to
+  the first word of a text or to a word after a newline, so those count as continuations.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from plm_jax.errors import DataError
 from plm_jax.tokenizer import _check_unicode
 
-__all__ = ["HfTokenizer", "HF_TOKENIZER_FILE"]
+__all__ = ["HfTokenizer", "HF_TOKENIZER_FILE", "VOCAB_FILE"]
 
 HF_TOKENIZER_FILE = "tokenizer.json"
+VOCAB_FILE = "vocab.txt"  # BERT's WordPiece vocabulary: one token per line, id = line number
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # first one wins
 
 # Config keys read for each role, in order, then well-known tokens tried in the vocabulary when
@@ -49,6 +61,12 @@ _CONFIG_KEYS = {
     "unk": ("unk_token",),
     "mask": ("mask_token",),
 }
+# BERT's special tokens, in the order transformers adds them (a missing pad or mask token is
+# appended to the vocabulary in this order); a vocab.txt must hold the unk, cls and sep tokens.
+_BERT_SPECIALS = {"unk": "[UNK]", "sep": "[SEP]", "pad": "[PAD]", "cls": "[CLS]", "mask": "[MASK]"}
+_BERT_REQUIRED = ("unk", "cls", "sep")
+_BYTE_LEVEL_SPACE = "\u0120"  # "Ġ": byte-level BPE writes the byte of " " as this character
+_SPACE_SYMBOL = "\u2581"  # "▁": SentencePiece's (and Metaspace's) escaped space
 _WELL_KNOWN = {
     "bos": ("<|begin_of_text|>", "<|endoftext|>", "[CLS]", "<s>", "<bos>"),
     "eos": ("<|end_of_text|>", "<|endoftext|>", "[SEP]", "</s>", "<eos>"),
@@ -71,8 +89,10 @@ class HfTokenizer:
       bos_id, eos_id: sequence start and end ([CLS] and [SEP] for BERT); bos_id is eos_id when
         the tokenizer has no start token.
       mask_id: the mask token ([MASK]), or None if there is none.
-      fingerprint: sha256 hex digest of the tokenizer.json bytes; a key for token caches.
-      path: the tokenizer.json file.
+      special_ids: frozenset of every special id (see the property).
+      fingerprint: sha256 hex digest of the tokenizer.json bytes (for a vocab.txt: of its bytes
+        and the normalizer settings); a key for token caches.
+      path: the tokenizer.json or vocab.txt file.
     """
 
     def __init__(self, backend: Any, path: Path, fingerprint: str, special: dict[str, int | None]):
@@ -85,30 +105,44 @@ class HfTokenizer:
         self.pad_id: int = special["pad"]
         self.unk_id: int = special["unk"]
         self.mask_id: int | None = special["mask"]
+        self._word_starts: np.ndarray | None = None  # built by word_starts() on first use
 
     @classmethod
     def load(cls, path: str | Path) -> HfTokenizer:
-        """Loads a Hugging Face tokenizer directory or its tokenizer.json file.
+        """Loads a Hugging Face tokenizer directory, its tokenizer.json, or a BERT vocab.txt.
 
+        A directory without tokenizer.json but with vocab.txt, or the path of a .txt file, is
+        read as a BERT WordPiece vocabulary: the pipeline of transformers' `BertTokenizer`, with
+        do_lower_case, tokenize_chinese_chars and strip_accents from tokenizer_config.json.
         Special tokens come from tokenizer_config.json, else special_tokens_map.json, beside the
-        tokenizer.json, else from well-known tokens in the vocabulary (see the module docstring).
-        Padding and truncation stored in the tokenizer.json are switched off: sequences are
-        packed and cut by the data pipeline.
+        file, else from well-known tokens in the vocabulary (see the module docstring). Padding
+        and truncation stored in the tokenizer.json are switched off: sequences are packed and
+        cut by the data pipeline.
 
         Raises:
-          DataError: the file is missing or is not a Hugging Face tokenizer, a config names a
-            special token that is not in the vocabulary, or no end-of-sequence token is found.
+          DataError: the file is missing or is not a Hugging Face tokenizer or BERT vocabulary,
+            a config names a special token that is not in the vocabulary, or no end-of-sequence
+            token is found.
         """
-        from tokenizers import Tokenizer as RustTokenizer
-
         path = Path(path)
+        if path.is_dir() and not (path / HF_TOKENIZER_FILE).is_file():
+            path = path / VOCAB_FILE if (path / VOCAB_FILE).is_file() else path
+        if path.suffix == ".txt" and path.is_file():
+            backend, fingerprint = _wordpiece_backend(path)
+            return cls(backend, path, fingerprint, _special_ids(backend, path))
         json_path = path / HF_TOKENIZER_FILE if path.is_dir() else path
         if not json_path.is_file():
             raise DataError(
                 f"Hugging Face tokenizer not found: {str(json_path)!r} does not exist; point "
-                "tokenizer.path at a directory holding tokenizer.json (e.g. a model downloaded "
-                "from the Hub) or at the tokenizer.json file itself"
+                "tokenizer.path at a directory holding tokenizer.json or a BERT vocab.txt (e.g. "
+                "a model downloaded from the Hub), or at one of those files itself"
             )
+        return cls._load_json(json_path)
+
+    @classmethod
+    def _load_json(cls, json_path: Path) -> HfTokenizer:
+        from tokenizers import Tokenizer as RustTokenizer
+
         data = json_path.read_bytes()
         try:
             backend = RustTokenizer.from_str(data.decode("utf-8"))
@@ -156,6 +190,65 @@ class HfTokenizer:
                 _check_unicode(text)
             raise
         return [e.ids for e in encodings]
+
+    def encode_pair(self, text: str, text_pair: str | None = None) -> tuple[list[int], list[int]]:
+        """A model's input for `text` (and `text_pair`), with the special tokens it expects.
+
+        Exactly `tokenizer(text, text_pair)` in transformers: the tokenizer's post-processor
+        adds its tokens ("[CLS] A [SEP]" and "[CLS] A [SEP] B [SEP]" for BERT; nothing for a
+        tokenizer.json without one). No truncation. An empty `text_pair` is still a segment
+        (BERT: "[CLS] A [SEP] [SEP]"), as in transformers' slow tokenizers and batch calls; only
+        the fast tokenizer's single call `tokenizer(text, "")` drops it.
+
+        Args:
+          text: the first (or only) segment.
+          text_pair: the second segment, or None.
+
+        Returns:
+          (ids, token_type_ids), two lists of the same length; type ids are 0 on the first
+          segment and 1 on the second, as the post-processor assigns them.
+
+        Raises:
+          DataError: a text holds lone surrogates.
+        """
+        try:
+            encoding = self._tok.encode(text, text_pair, add_special_tokens=True)
+        except TypeError:
+            for t in (text, text_pair or ""):
+                _check_unicode(t)
+            raise
+        return encoding.ids, encoding.type_ids
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Every special id: pad/unk/bos/eos/mask and all added tokens flagged special.
+
+        These are the ids a masked-LM never selects ([CLS], [SEP], <|endoftext|>, ...).
+        """
+        added = self._tok.get_added_tokens_decoder()
+        ids = {i for i, token in added.items() if token.special}
+        ids |= {self.pad_id, self.unk_id, self.bos_id, self.eos_id}
+        return frozenset(ids if self.mask_id is None else ids | {self.mask_id})
+
+    def word_starts(self) -> np.ndarray:
+        """`[V]` bool: True for tokens that begin a word, for whole-word masking.
+
+        WordPiece: tokens without the "##" continuation prefix. Byte-level BPE: tokens starting
+        with "Ġ" (a space). Metaspace tokenizers: tokens starting with "\u2581"; their byte
+        fallback pieces (<0x..>) are continuations. Special ids and other added tokens are True,
+        each its own word. A tokenizer that marks words in none of these ways gets all True
+        (whole-word masking then masks single tokens). Computed once; the array is read-only.
+        """
+        if self._word_starts is None:
+            starts = np.ones(self.vocab_size, bool)
+            is_start = _word_start_rule(json.loads(self._tok.to_str()))
+            added = self._tok.get_added_tokens_decoder()
+            for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+                starts[i] = i in added or is_start(token)
+            starts[sorted(self.special_ids)] = True
+            starts.flags.writeable = False
+            self._word_starts = starts
+        return self._word_starts
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`; special tokens are dropped.
@@ -265,3 +358,166 @@ def _read_config(path: Path) -> dict[str, Any]:
             "or delete it"
         )
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Word starts.
+
+
+def _word_start_rule(spec: dict[str, Any]) -> Callable[[str], bool]:
+    """`is_start(token) -> bool`: how tokens mark a word start in the tokenizer.json `spec`."""
+    model = spec.get("model") or {}
+    if model.get("type") == "WordPiece":
+        prefix = model.get("continuing_subword_prefix") or "##"
+        return lambda token: not token.startswith(prefix)
+    parts = [
+        *_components(spec.get("normalizer")),
+        *_components(spec.get("pre_tokenizer")),
+        *_components(spec.get("decoder")),
+    ]
+    if any(part.get("type") == "ByteLevel" for part in parts):
+        return lambda token: token.startswith(_BYTE_LEVEL_SPACE)
+    # SentencePiece-converted files: a Metaspace pre-tokenizer/decoder (T5), or a normalizer
+    # that replaces " " with "▁" and a decoder that turns it back (LLaMA 2).
+    if any(
+        part.get("type") == "Metaspace"
+        or (
+            part.get("type") in ("Replace", "Prepend")
+            and _SPACE_SYMBOL in json.dumps(part, ensure_ascii=False)
+        )
+        for part in parts
+    ):
+        return lambda token: token.startswith(_SPACE_SYMBOL)  # byte pieces <0x..> never do
+    return lambda token: True
+
+
+def _components(node: Any) -> Iterator[dict[str, Any]]:
+    """Every component in `node`, nested ones (in a Sequence) included."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _components(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _components(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT WordPiece from a vocab.txt.
+
+
+def _wordpiece_backend(vocab_path: Path) -> tuple[Any, str]:
+    """The WordPiece pipeline transformers' `BertTokenizer` builds from `vocab_path`.
+
+    Settings come from tokenizer_config.json beside the vocab: do_lower_case (default true),
+    tokenize_chinese_chars (true) and strip_accents (null: strip when lowercasing). The unk,
+    sep, pad, cls and mask tokens named in the configs (default [UNK], [SEP], [PAD], [CLS],
+    [MASK]) become special added tokens; a pad or mask token missing from the vocab is appended
+    after it, as transformers does.
+
+    Returns:
+      The `tokenizers` backend, and its fingerprint: the sha256 of the vocab's bytes, the
+      settings and the special tokens.
+
+    Raises:
+      DataError: the vocab is empty, not UTF-8 or lists a token twice, it lacks the unk, cls or
+        sep token, or a setting is not a boolean.
+    """
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as RustTokenizer
+
+    data = vocab_path.read_bytes()
+    vocab = _read_vocab(vocab_path, data)
+    configs = [_read_config(vocab_path.with_name(name)) for name in _CONFIG_FILES]
+    settings = _bert_settings(configs[0], vocab_path.with_name(_CONFIG_FILES[0]))
+    tokens = _bert_special_tokens(configs)
+    missing = [
+        f"{role}_token={tokens[role]!r}" for role in _BERT_REQUIRED if tokens[role] not in vocab
+    ]
+    if missing:
+        raise DataError(
+            f"{str(vocab_path)!r} lacks {', '.join(missing)}: BERT's WordPiece needs an unknown "
+            "token and the cls/sep tokens it wraps every sequence in. Use the vocab.txt that "
+            "came with the model, or name its tokens in tokenizer_config.json"
+        )
+    unk, cls, sep = tokens["unk"], tokens["cls"], tokens["sep"]
+    backend = RustTokenizer(
+        models.WordPiece(
+            vocab, unk_token=unk, continuing_subword_prefix="##", max_input_chars_per_word=100
+        )
+    )
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=settings["tokenize_chinese_chars"],
+        strip_accents=settings["strip_accents"],  # None: follow lowercase, as in original BERT
+        lowercase=settings["do_lower_case"],
+    )
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0",
+        pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])],
+    )
+    named = dict.fromkeys(t for t in tokens.values() if t is not None)  # distinct, in order
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in named])
+    digest = hashlib.sha256(data)
+    digest.update(json.dumps([settings, tokens], sort_keys=True).encode())
+    return backend, digest.hexdigest()
+
+
+def _read_vocab(path: Path, data: bytes) -> dict[str, int]:
+    """`data`, the bytes of a vocab.txt, as {token: line number}, read as transformers reads it."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "a BERT vocab.txt holds one UTF-8 token per line. Download it again"
+        ) from None
+    # Universal newlines and only "\n" stripped, like transformers' `load_vocab`: a token may
+    # end in a space.
+    lines = [line.rstrip("\n") for line in io.StringIO(text, newline=None)]
+    if not any(lines):
+        raise DataError(
+            f"{str(path)!r} holds no tokens; a BERT vocab.txt lists one token per line, the "
+            "line number being its id. Download it again"
+        )
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(lines):
+        if token in vocab:
+            raise DataError(
+                f"{str(path)!r} lists the token {token!r} twice, on lines {vocab[token] + 1} and "
+                f"{i + 1}; a token's id is its line number, so each may appear once. Download "
+                "the vocab.txt again"
+            )
+        vocab[token] = i
+    return vocab
+
+
+def _bert_settings(config: dict[str, Any], config_path: Path) -> dict[str, bool | None]:
+    """The normalizer settings in a BERT tokenizer_config.json, with transformers' defaults."""
+    settings = {
+        "do_lower_case": config.get("do_lower_case", True),
+        "tokenize_chinese_chars": config.get("tokenize_chinese_chars", True),
+        "strip_accents": config.get("strip_accents"),
+    }
+    for key, value in settings.items():
+        if not isinstance(value, bool) and not (key == "strip_accents" and value is None):
+            raise DataError(
+                f"{str(config_path)!r} sets {key}={value!r}; it must be true or false"
+                + (" (or null: follow do_lower_case)" if key == "strip_accents" else "")
+            )
+    return settings
+
+
+def _bert_special_tokens(configs: list[dict[str, Any]]) -> dict[str, str | None]:
+    """The unk/sep/pad/cls/mask token strings named in `configs` (first config wins), or BERT's."""
+    tokens: dict[str, str | None] = {}
+    for role, default in _BERT_SPECIALS.items():
+        key = f"{role}_token"
+        token = next((config[key] for config in configs if key in config), default)
+        if isinstance(token, dict):  # a serialized AddedToken: {"content": ..., ...}
+            token = token.get("content")
+        tokens[role] = token if isinstance(token, str) and token else None
+    return tokens

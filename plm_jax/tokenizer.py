@@ -2,8 +2,9 @@
 
 Holds `train_tokenizer` (BPE or unigram, streamed, written atomically to a directory) and
 `Tokenizer` (the loaded model with its special ids and a content fingerprint for data caches).
-It leaves out reading corpora from files and caching token ids (`plm_jax.data`), adding bos/eos
-to sequences, and Hugging Face tokenizers.
+It leaves out reading corpora from files and caching token ids (`plm_jax.data`), and Hugging Face
+tokenizers (`plm_jax.hf_tokenizer`). `encode` adds no bos/eos; `encode_pair` builds a model's
+input with them.
 
 Round trip. `decode(encode(text)) == text` for every Python string that is valid Unicode, when the
 model was trained with `byte_fallback=True` (the default). The trainer settings below make that
@@ -27,10 +28,19 @@ never produced from text, so a document containing the literal string "<mask>" o
 encoded as ordinary characters (user text cannot inject a special token), and `decode` drops the
 control ids. User-defined symbols are matched in text and decode to themselves. The unk id decodes
 to " \u2047 " (SentencePiece's surface form); with byte fallback, `encode` never emits it.
+
+Word starts. For whole-word masking, a piece that starts with "\u2581" (a space) begins a word
+and special pieces are words of their own; user-defined symbols follow the "\u2581" rule like
+any piece (SentencePiece's API does not tell them from normal pieces). Byte pieces (<0x..>)
+continue the word before them: the bytes of one character outside the vocabulary stay in one
+word, at the price of gluing a newline (<0x0A>) to the word before it. Since no dummy space is
+prefixed, the first word of a text, and one after a newline, starts without "\u2581" and counts
+as a continuation too.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -43,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
@@ -172,6 +183,7 @@ class Tokenizer:
       vocab_size: number of pieces (V).
       pad_id, unk_id, bos_id, eos_id: special ids (0..3 for tokenizers trained here).
       mask_id: id of the mask piece, or None if the model has none.
+      special_ids: frozenset of every special id (see the property).
       fingerprint: sha256 hex digest of the .model file's bytes; a key for token caches.
       path: the .model file.
     """
@@ -196,6 +208,7 @@ class Tokenizer:
         # Without byte pieces a literal "▁" cannot be kept apart from a space.
         has_bytes = all(processor.is_byte(i) for i in byte_ids)
         self._space_symbol_ids = byte_ids if has_bytes else None
+        self._word_starts: np.ndarray | None = None  # built by word_starts() on first use
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer | HfTokenizer:
@@ -205,9 +218,9 @@ class Tokenizer:
         with another library's tokenizer.json) it is the model's only control symbol other than
         pad/bos/eos, if there is exactly one.
 
-        A Hugging Face tokenizer (a directory with a tokenizer.json not written here and no
-        tokenizer.model, or the path of such a json) loads as `plm_jax.hf_tokenizer.HfTokenizer`,
-        which has the same interface.
+        A Hugging Face tokenizer (a directory with no tokenizer.model and either a tokenizer.json
+        not written here or a BERT vocab.txt, or the path of such a json or .txt file) loads as
+        `plm_jax.hf_tokenizer.HfTokenizer`, which has the same interface.
 
         Raises:
           DataError: the path is missing, is not a SentencePiece model, lacks pad/unk/bos/eos,
@@ -215,11 +228,10 @@ class Tokenizer:
         """
         path = Path(path)
         model_path = path / MODEL_FILE if path.is_dir() else path
-        hf_json = path / META_FILE if path.is_dir() and not model_path.is_file() else path
-        if hf_json.suffix == ".json" and hf_json.is_file() and _read_meta(hf_json) is None:
-            from plm_jax.hf_tokenizer import HfTokenizer  # not ours: Hugging Face's (or corrupt)
+        if _is_hugging_face(path):
+            from plm_jax.hf_tokenizer import HfTokenizer
 
-            return HfTokenizer.load(hf_json)
+            return HfTokenizer.load(path)
         if not model_path.is_file():
             raise DataError(
                 f"tokenizer not found: {str(model_path)!r} does not exist; give a directory "
@@ -285,6 +297,55 @@ class Tokenizer:
                 if _SPACE_SYMBOL in text:  # rare: redo these few on the exact path
                     out[i] = self._encode_space_symbols(text)
         return out
+
+    def encode_pair(self, text: str, text_pair: str | None = None) -> tuple[list[int], list[int]]:
+        """A model's input for `text` (and `text_pair`): `[bos] A [eos]` or `[bos] A [eos] B [eos]`.
+
+        Args:
+          text: the first (or only) segment.
+          text_pair: the second segment, or None.
+
+        Returns:
+          (ids, token_type_ids), two lists of the same length; type ids are 0 on `[bos] A [eos]`
+          and 1 on `B [eos]`.
+
+        Raises:
+          DataError: a text holds lone surrogates.
+        """
+        ids = [self.bos_id, *self.encode(text), self.eos_id]
+        type_ids = [0] * len(ids)
+        if text_pair is not None:
+            second = [*self.encode(text_pair), self.eos_id]
+            ids += second
+            type_ids += [1] * len(second)
+        return ids, type_ids
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Every special id: the control and unknown pieces, and pad/unk/bos/eos/mask.
+
+        These are the ids a masked-LM never selects. Other user-defined symbols (e.g. "<|sep|>")
+        are matched in text like words, so they are not special here.
+        """
+        sp = self._sp
+        ids = {i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+        ids |= {self.pad_id, self.unk_id, self.bos_id, self.eos_id}
+        return frozenset(ids if self.mask_id is None else ids | {self.mask_id})
+
+    def word_starts(self) -> np.ndarray:
+        """`[V]` bool: True for pieces that begin a word, for whole-word masking.
+
+        A piece starting with "\u2581" begins a word; special ids are True, byte pieces (<0x..>)
+        False (see "Word starts" in the module docstring). Computed once; the array is read-only.
+        """
+        if self._word_starts is None:
+            sp = self._sp
+            pieces = (sp.id_to_piece(i) for i in range(self.vocab_size))
+            starts = np.fromiter((p.startswith(_SPACE_SYMBOL) for p in pieces), bool)
+            starts[sorted(self.special_ids)] = True
+            starts.flags.writeable = False
+            self._word_starts = starts
+        return self._word_starts
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`; pad/bos/eos/mask ids are dropped.
@@ -546,6 +607,19 @@ def _find_mask_id(
     named = {processor.pad_id(), processor.bos_id(), processor.eos_id()}
     extra = [i for i in range(processor.vocab_size()) if processor.is_control(i) and i not in named]
     return extra[0] if len(extra) == 1 else None
+
+
+def _is_hugging_face(path: Path) -> bool:
+    """Whether `path` names a Hugging Face tokenizer (tokenizer.json or BERT vocab.txt)."""
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return False  # a SentencePiece model wins over a Hugging Face file beside it
+        if (path / META_FILE).is_file():
+            return _read_meta(path / META_FILE) is None  # not ours: Hugging Face's (or corrupt)
+        return (path / "vocab.txt").is_file()
+    if path.suffix == ".json":
+        return path.is_file() and _read_meta(path) is None
+    return path.suffix == ".txt" and path.is_file()
 
 
 def _read_meta(path: Path) -> dict[str, Any] | None:

@@ -270,8 +270,11 @@ def test_fingerprint(corpus, bpe_dir, tmp_path):
 
 
 def test_pickle(tok):
+    tok.word_starts(), tok.special_ids  # cached values travel too
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.fingerprint == tok.fingerprint and clone.mask_id == tok.mask_id
+    assert clone.special_ids == tok.special_ids
+    assert (clone.word_starts() == tok.word_starts()).all()
     assert clone.encode(f"a{SPACE_SYMBOL}b\n") == tok.encode(f"a{SPACE_SYMBOL}b\n")
 
 
@@ -282,6 +285,56 @@ def test_without_byte_fallback_unknown_characters_become_unk(corpus, tmp_path):
     ids = tok.encode("a\u4e07e")  # a character absent from the corpus
     assert ids[1] == tok.unk_id
     assert tok.decode(ids) == "a \u2047 e"  # SentencePiece's unk surface: the text is lost
+
+
+# ---------------------------------------------------------------------------------------------
+# Model inputs: encode_pair, special_ids, word_starts.
+
+
+def test_encode_pair_adds_bos_and_eos(small_tokenizer):
+    tok = small_tokenizer
+    a, b = tok.encode("Return the value."), tok.encode(" of x")
+    assert a and b
+    assert tok.encode_pair("Return the value.") == ([2, *a, 3], [0] * (len(a) + 2))
+    ids, type_ids = tok.encode_pair("Return the value.", " of x")
+    assert ids == [2, *a, 3, *b, 3]
+    assert type_ids == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    assert tok.encode_pair("") == ([2, 3], [0, 0])
+    assert tok.encode_pair("", "") == ([2, 3, 3], [0, 0, 1])  # an empty pair still gets its eos
+    with pytest.raises(DataError, match="not valid Unicode"):
+        tok.encode_pair("fine", "bad \ud800")
+
+
+def test_special_ids_set(small_tokenizer, tok, corpus, tmp_path):
+    assert small_tokenizer.special_ids == frozenset({0, 1, 2, 3, 4})
+    assert isinstance(small_tokenizer.special_ids, frozenset)
+    # The user-defined "<|sep|>" (id 5) is matched in text like a word: not special.
+    assert tok.id_to_piece(5) == "<|sep|>" and tok.special_ids == frozenset({0, 1, 2, 3, 4})
+    no_mask = train_tokenizer(
+        corpus[:100], tmp_path, vocab_size=300, mask_piece="", show_progress=False
+    )
+    assert no_mask.special_ids == frozenset({0, 1, 2, 3})
+
+
+def test_word_starts(small_tokenizer):
+    tok = small_tokenizer
+    starts = tok.word_starts()
+    assert starts.dtype == bool and starts.shape == (tok.vocab_size,)
+    pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    expected = [p.startswith(SPACE_SYMBOL) or i < 5 for i, p in enumerate(pieces)]
+    assert starts.tolist() == expected
+    assert starts[:5].all()  # pad, unk, bos, eos, mask: each its own word
+    byte_ids = [i for i, p in enumerate(pieces) if p.startswith("<0x")]
+    assert len(byte_ids) == 256 and not starts[byte_ids].any()  # bytes continue a word
+    assert starts[5:].any() and not starts[5:].all()
+    # With single spaces, exactly one piece of each " word" starts with "▁".
+    words = ["the", "value", "of", "the", "given", "argument", "is", "returned"]
+    ids = tok.encode(" " + " ".join(words))
+    assert len(ids) > len(words)  # some words take several pieces ...
+    assert int(starts[ids].sum()) == len(words)  # ... but each starts once
+    assert tok.word_starts() is starts  # cached
+    with pytest.raises(ValueError, match="read-only"):
+        starts[0] = False
 
 
 # ---------------------------------------------------------------------------------------------
