@@ -36,6 +36,7 @@ from plm_jax.convert import (
 )
 from plm_jax.errors import ConfigError, DataError
 from plm_jax.models import attention_mask, rope_tables
+from plm_jax.models.layers import RopeScaling, rope_frequencies, rope_scaling_from_config
 from plm_jax.train.state import model_graphdef
 
 V, D, N, K, H, L_LAYERS, P = 100, 64, 4, 2, 16, 2, 32
@@ -271,7 +272,7 @@ def test_config_mapping():
         (
             LLAMA_HF,
             {"rope_scaling": {"rope_type": "llama3", "factor": 32.0}},
-            "rope_scaling.rope_type='llama3'",
+            "rope_scaling.rope_type='llama3' needs rope_scaling.low_freq_factor",
         ),
         (LLAMA_HF, {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type='linear'"),
         (
@@ -377,6 +378,108 @@ def test_export_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# Llama 3.1 RoPE scaling (rope_type "llama3"), no torch.
+#
+# With H=16 and theta=1e4 the wavelengths 2*pi*10^(i/2) are 6.3, 19.9, 62.8, ... positions.
+# original_max_position_embeddings=32 with low/high factors 1/4 puts the limits at 32 and 8:
+# pair 0 keeps its frequency (6.3 < 8), pair 1 is blended (8 <= 19.9 <= 32) and pairs 2..7 are
+# slowed by `factor` (> 32), so all three branches run. Sequences of 48 > 32 positions.
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+LLAMA3_SCALING = RopeScaling(4.0, 1.0, 4.0, 32)
+P3, L3 = 64, 48  # max_position_embeddings, test sequence length
+LLAMA3_HF = {**LLAMA_HF, "max_position_embeddings": P3, "rope_parameters": LLAMA3_ROPE}
+
+
+def test_llama3_frequencies_literal():
+    base = 10000.0 ** (-np.arange(8) / 8)  # theta^(-2i/H)
+    smooth = (32 / (2 * np.pi / base[1]) - 1.0) / (4.0 - 1.0)  # (L_orig / wavelength - low) / ...
+    blended = (1 - smooth) * base[1] / 4 + smooth * base[1]
+    expected = np.concatenate([base[:1], [blended], base[2:] / 4])
+    # Wavelengths below 8, in [8, 32] and above 32: each branch is taken.
+    assert list(np.digitize(2 * np.pi / base, [8, 32])) == [0, 1, 2, 2, 2, 2, 2, 2]
+    got = rope_frequencies(H, 10000.0, LLAMA3_SCALING)
+    assert got.dtype == np.float32 and 0.2 < smooth < 0.21
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    np.testing.assert_allclose(rope_frequencies(H, 10000.0), base, rtol=1e-6)
+    positions = jnp.array([[0, 5, 47]])
+    cos, sin = rope_tables(positions, H, 10000.0, scaling=LLAMA3_SCALING)
+    angles = np.array([0, 5, 47])[:, None] * np.concatenate([expected, expected])
+    np.testing.assert_allclose(np.asarray(cos)[0, :, 0], np.cos(angles), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(sin)[0, :, 0], np.sin(angles), atol=1e-5)
+
+
+def test_llama3_config_spellings_and_export():
+    cfg = model_config_from_hf(LLAMA3_HF)
+    assert rope_scaling_from_config(cfg) == LLAMA3_SCALING
+    assert (cfg.rope_scaling, cfg.rope_theta) == ("llama3", 10000.0)
+    assert rope_scaling_from_config(model_config_from_hf(LLAMA_HF)) is None
+    with pytest.raises(ValueError, match="model.rope_scaling='yarn'; supported: '', 'llama3'"):
+        rope_scaling_from_config(dataclasses.replace(cfg, rope_scaling="yarn"))
+    # The Hub's transformers 4.x spelling: rope_scaling without rope_theta, which is top level.
+    v4_scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    v4 = {k: v for k, v in LLAMA3_HF.items() if k != "rope_parameters"}
+    assert model_config_from_hf({**v4, "rope_theta": 1e4, "rope_scaling": v4_scaling}) == cfg
+    old_type = {**v4_scaling, "type": "llama3"}
+    del old_type["rope_type"]
+    assert model_config_from_hf({**v4, "rope_scaling": old_type}) == cfg
+    # Like transformers: a top-level original length wins, then the section's, then max length.
+    top = model_config_from_hf({**LLAMA3_HF, "original_max_position_embeddings": 20})
+    assert top.rope_original_max_len == 20
+    no_len = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
+    no_len_cfg = model_config_from_hf({**LLAMA3_HF, "rope_parameters": no_len})
+    assert no_len_cfg.rope_original_max_len == P3
+    # Export writes both spellings; each alone, and both together, read back the same config.
+    out_config, _ = params_to_hf(cfg, random_params(cfg))
+    assert out_config["rope_parameters"] == LLAMA3_ROPE
+    assert out_config["rope_scaling"] == v4_scaling and out_config["rope_theta"] == 1e4
+    assert model_config_from_hf(out_config) == cfg
+    assert model_config_from_hf({**out_config, "rope_scaling": None}) == cfg
+    assert model_config_from_hf({**out_config, "rope_parameters": None}) == cfg
+    plain_config, _ = params_to_hf(model_config_from_hf(LLAMA_HF), random_params(cfg))
+    assert plain_config["rope_scaling"] is None
+    assert plain_config["rope_parameters"] == {"rope_type": "default", "rope_theta": 1e4}
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'"),
+        ({"rope_parameters": {**LLAMA3_ROPE, "rope_type": "longrope"}}, "rope_type='longrope'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type='yarn'"),
+        ({"rope_parameters": {**LLAMA3_ROPE, "beta_fast": 32}}, "beta_fast=32 is not supported"),
+        (
+            {"rope_parameters": {**LLAMA3_ROPE, "high_freq_factor": 1.0}},
+            "high_freq_factor=1.0.*needs .*high_freq_factor > low_freq_factor",
+        ),
+        ({"rope_parameters": {**LLAMA3_ROPE, "factor": 0.5}}, "factor=0.5.*needs factor >= 1"),
+        (
+            {"rope_parameters": {**LLAMA3_ROPE, "original_max_position_embeddings": 0}},
+            "original_max_position_embeddings=0;",
+        ),
+        (
+            {"rope_parameters": {**LLAMA3_ROPE, "factor": None}},
+            "rope_type='llama3' needs rope_parameters.factor",
+        ),
+        (
+            {"rope_scaling": {**LLAMA3_ROPE, "factor": 8.0}},
+            "rope_parameters .* and rope_scaling .* disagree",
+        ),
+    ],
+)
+def test_unsupported_rope_raises_config_error(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        model_config_from_hf({**LLAMA3_HF, **changes})
+
+
+# ---------------------------------------------------------------------------------------------
 # Against Hugging Face transformers (PyTorch).
 
 HF_MODELS = ["gpt2", "gpt2-untied", "llama", "llama-tied"]
@@ -453,7 +556,8 @@ def plm_hidden_states(model, tokens: np.ndarray) -> list[np.ndarray]:
     if model.pos_embed is not None:
         x = x + model.pos_embed(positions)
     else:
-        rope = rope_tables(positions, model.cfg.head_dim, model.cfg.rope_theta)
+        scaling = rope_scaling_from_config(model.cfg)
+        rope = rope_tables(positions, model.cfg.head_dim, model.cfg.rope_theta, scaling=scaling)
     states = [np.asarray(x)]
     for block in model.blocks:
         x, _ = block(x, mask=mask, rope=rope)
@@ -527,3 +631,103 @@ def test_transformers_sharded_checkpoint_reads_the_same(hf_dirs, tmp_path):
     _, single = read_hf_checkpoint(path)
     assert set(sharded) == set(single)
     assert all(np.array_equal(sharded[k], single[k]) for k in single)
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 3.1 RoPE scaling against transformers.
+
+
+@pytest.fixture(scope="module")
+def llama3_hf(tmp_path_factory):
+    """A tiny random LlamaForCausalLM with llama3 RoPE scaling, saved: (dir, torch model)."""
+    torch = pytest.importorskip("torch", reason="HF reference tests need torch (the hf extra)")
+    transformers = pytest.importorskip(
+        "transformers", reason="HF reference tests need transformers (the hf extra)"
+    )
+    config = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=96,
+        num_hidden_layers=L_LAYERS,
+        num_attention_heads=N,
+        num_key_value_heads=K,
+        max_position_embeddings=P3,
+        rope_parameters=dict(LLAMA3_ROPE),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * _init_std(pname) + _init_mean(pname, p.ndim))
+    path = tmp_path_factory.mktemp("llama3") / "hf"
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model
+
+
+@pytest.mark.hf
+def test_llama3_frequencies_match_transformers_bitwise(llama3_hf):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    _, hf_model = llama3_hf
+    ours = rope_frequencies(H, 10000.0, LLAMA3_SCALING)
+    np.testing.assert_array_equal(ours, hf_model.model.rotary_emb.inv_freq.numpy())
+    # Llama 3.1 8B's settings and a few others, through transformers' own function.
+    cases = [(128, 500000.0, 8.0, 1.0, 4.0, 8192), (64, 10000.0, 32.0, 0.5, 3.0, 100)]
+    for head_dim, theta, factor, low, high, old_len in cases:
+        rope = {"rope_type": "llama3", "rope_theta": theta, "factor": factor}
+        rope |= {"low_freq_factor": low, "high_freq_factor": high}
+        rope["original_max_position_embeddings"] = old_len
+        config = transformers.LlamaConfig(
+            hidden_size=4 * head_dim,
+            num_attention_heads=4,
+            max_position_embeddings=2 * old_len,
+            rope_parameters=rope,
+        )
+        ref = ROPE_INIT_FUNCTIONS["llama3"](config)[0].numpy()
+        scaling = RopeScaling(factor, low, high, old_len)
+        np.testing.assert_array_equal(rope_frequencies(head_dim, theta, scaling), ref)
+
+
+@pytest.mark.hf
+def test_llama3_logits_match_transformers(llama3_hf):
+    import torch
+
+    path, hf_model = llama3_hf
+    tokens = np.random.default_rng(4).integers(0, V, (2, L3))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(tokens), output_hidden_states=True)
+    model = load_hf_decoder(path)
+    assert rope_scaling_from_config(model.cfg) == LLAMA3_SCALING
+    ours = plm_hidden_states(model, tokens)
+    for layer in range(L_LAYERS):
+        np.testing.assert_allclose(ours[layer], ref.hidden_states[layer].numpy(), atol=1e-5)
+    logits = np.asarray(model(tokens).logits)
+    np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=0, atol=1e-4)
+    # The test can fail: the same weights with plain RoPE are far off.
+    model.cfg = dataclasses.replace(model.cfg, rope_scaling="")
+    assert np.abs(np.asarray(model(tokens).logits) - ref.logits.numpy()).max() > 1e-2
+
+
+@pytest.mark.hf
+def test_llama3_export_reloads_in_transformers(llama3_hf, tmp_path):
+    import torch
+    import transformers
+
+    path, hf_model = llama3_hf
+    hf_config, tensors = read_hf_checkpoint(path)
+    assert "rope_scaling" not in hf_config  # transformers 5 writes rope_parameters only
+    cfg = model_config_from_hf(hf_config)
+    out_config, out = params_to_hf(cfg, params_from_hf(cfg, hf_config, tensors))
+    tokens = torch.tensor(np.random.default_rng(5).integers(0, V, (2, L3)))
+    with torch.no_grad():
+        ref = hf_model(tokens).logits
+    # As written (both spellings), and with only the 4.x spelling that older versions read.
+    v4_only = {k: v for k, v in out_config.items() if k != "rope_parameters"}
+    for name, config in [("both", out_config), ("v4", v4_only)]:
+        write_hf_checkpoint(tmp_path / name, config, out)
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        assert reloaded.config.rope_parameters == LLAMA3_ROPE, name
+        with torch.no_grad():
+            assert torch.equal(reloaded(tokens).logits, ref), name

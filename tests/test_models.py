@@ -28,6 +28,7 @@ from plm_jax.models import (
     RMSNorm,
     apply_rope,
     attention_mask,
+    build_model,
     count_params,
     param_count,
     rope_tables,
@@ -57,7 +58,7 @@ fast_jit = functools.partial(jax.jit, compiler_options=FAST)
 
 def abstract(cfg: ModelConfig) -> Decoder:
     """The model with `jax.ShapeDtypeStruct` leaves: no memory, no compile."""
-    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> Decoder:

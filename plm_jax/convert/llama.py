@@ -6,10 +6,11 @@ Its projections are `torch.nn.Linear` weights stored [out, in]: import transpose
 permutation: plm_jax's RoPE uses HF's rotate_half channel pairing.
 
 Every config.json field that changes the math is checked; what plm_jax cannot express (RoPE
-scaling, partial rotary, biases, another activation) raises `ConfigError` naming the field.
-Both config spellings are read: transformers 5's `rope_parameters` and 4.x's `rope_theta` /
-`rope_scaling`; export writes both. `pretraining_tp` and `attention_dropout` do not change
-inference math and are ignored.
+scaling other than Llama 3.1's "llama3", partial rotary, biases, another activation) raises
+`ConfigError` naming the field. Both config spellings are read: transformers 5's
+`rope_parameters` and 4.x's `rope_theta` / `rope_scaling`; export writes both, and they must
+agree when both are given. `pretraining_tp` and `attention_dropout` do not change inference
+math and are ignored.
 
 What it leaves out: file I/O and the exactly-once checks (`hf.py`).
 """
@@ -28,35 +29,89 @@ __all__ = ["LLAMA"]
 # ACT2FN's "silu" and "swish" are the same function, the one `SwiGluMlp` gates with.
 SILUS = ("silu", "swish")
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+# Llama 3.1 scaling: config.json key -> ModelConfig field (all but the last are required).
+_LLAMA3_FIELDS = {
+    "factor": "rope_scaling_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_position_embeddings": "rope_original_max_len",
+}
+_ROPE_TYPES = ("default", "llama3")
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """The RoPE base from either config spelling; anything but plain RoPE is an error."""
+def _rope_section(hf: dict[str, Any], section: str) -> dict[str, Any]:
+    """ModelConfig RoPE fields from `rope_parameters` or `rope_scaling` ({} when null)."""
+    params = hf.get(section) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config.json: {section}={params!r} must be a mapping or null")
+    if not params:
+        return {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise ConfigError(
+            f"config.json: {section}.rope_type={kind!r} is not supported: plm_jax computes "
+            "plain RoPE and Llama 3.1's frequency scaling. Supported: "
+            f"{', '.join(repr(t) for t in _ROPE_TYPES)}"
+        )
+    allowed = _ROPE_KEYS | (set(_LLAMA3_FIELDS) if kind == "llama3" else set())
+    for key, value in params.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"config.json: {section}.{key}={value!r} is not supported with rope_type "
+                f"{kind!r}: plm_jax reads only {', '.join(sorted(allowed))}"
+            )
+    if option(params, "partial_rotary_factor", 1.0, float) != 1.0:
+        raise ConfigError(
+            f"config.json: {section}.partial_rotary_factor="
+            f"{params['partial_rotary_factor']} is not supported: plm_jax rotates every "
+            "channel of a head (factor 1.0)"
+        )
+    # transformers 5 defaults rope_theta inside the section from the top-level field.
     theta = option(hf, "rope_theta", 10000.0, float)
-    for section in ("rope_parameters", "rope_scaling"):
-        params = hf.get(section) or {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"config.json: {section}={params!r} must be a mapping or null")
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise ConfigError(
-                f"config.json: {section}.rope_type={kind!r} is not supported: plm_jax computes "
-                "plain RoPE (rope_type 'default') without scaling. Supported: 'default'"
-            )
-        for key, value in params.items():
-            if key not in _ROPE_KEYS:
-                raise ConfigError(
-                    f"config.json: {section}.{key}={value!r} is not supported: plm_jax computes "
-                    "plain RoPE from rope_theta only"
-                )
-        if option(params, "partial_rotary_factor", 1.0, float) != 1.0:
-            raise ConfigError(
-                f"config.json: {section}.partial_rotary_factor="
-                f"{params['partial_rotary_factor']} is not supported: plm_jax rotates every "
-                "channel of a head (factor 1.0)"
-            )
-        theta = option(params, "rope_theta", theta, float)
-    return theta
+    fields: dict[str, Any] = {"rope_theta": option(params, "rope_theta", theta, float)}
+    if kind == "llama3":
+        fields.update(rope_scaling="llama3", **_llama3_fields(hf, section, params))
+    return fields
+
+
+def _llama3_fields(hf: dict[str, Any], section: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The four Llama 3.1 settings, defaulted and checked as transformers does."""
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if params.get(key) is None:
+            raise ConfigError(f"config.json: {section}.rope_type='llama3' needs {section}.{key}")
+    # transformers prefers a top-level original_max_position_embeddings (its Phi-3 exception),
+    # then the section's, then max_position_embeddings.
+    old_len = option(params, "original_max_position_embeddings", None, int)
+    old_len = option(hf, "original_max_position_embeddings", old_len, int)
+    if old_len is None:
+        old_len = option(hf, "max_position_embeddings", 2048, int)
+    factor = option(params, "factor", None, float)
+    low = option(params, "low_freq_factor", None, float)
+    high = option(params, "high_freq_factor", None, float)
+    if not (factor >= 1.0 and high > low > 0.0 and old_len > 0):
+        raise ConfigError(
+            f"config.json: {section} has factor={factor}, low_freq_factor={low}, "
+            f"high_freq_factor={high}, original_max_position_embeddings={old_len}; Llama 3.1 "
+            "scaling needs factor >= 1, high_freq_factor > low_freq_factor > 0 and a positive "
+            "original length"
+        )
+    return dict(zip(_LLAMA3_FIELDS.values(), (factor, low, high, old_len), strict=True))
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig RoPE fields from either config spelling; both given must agree.
+
+    transformers 5 reads `rope_scaling` over `rope_parameters` when both are set; a file where
+    they differ is ambiguous, so it is an error rather than a silent pick.
+    """
+    v5, v4 = _rope_section(hf, "rope_parameters"), _rope_section(hf, "rope_scaling")
+    if v5 and v4 and v5 != v4:
+        raise ConfigError(
+            f"config.json: rope_parameters (read as {v5}) and rope_scaling with rope_theta "
+            f"(read as {v4}) disagree; keep only rope_parameters (transformers 5) or only "
+            "rope_scaling + rope_theta (transformers 4)"
+        )
+    return v5 or v4 or {"rope_theta": option(hf, "rope_theta", 10000.0, float)}
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -90,7 +145,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         mlp_dim=option(hf, "intermediate_size", 11008, int),
         max_seq_len=option(hf, "max_position_embeddings", 2048, int),
         position="rope",
-        rope_theta=_rope_theta(hf),
+        **_rope(hf),
         norm="rmsnorm",
         norm_eps=option(hf, "rms_norm_eps", 1e-6, float),
         mlp="swiglu",
@@ -102,12 +157,40 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def mismatches(cfg: ModelConfig) -> list[str]:
     """The settings of a resolved config that LLaMA cannot express (empty: exportable)."""
-    wanted = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "use_bias": False}
+    wanted = {
+        "family": "decoder",
+        "position": "rope",
+        "norm": "rmsnorm",
+        "norm_placement": "pre",
+        "mlp": "swiglu",
+        "use_bias": False,
+    }
+    # Every rope_scaling value ("" and "llama3") has a LLaMA spelling (`_rope_to_hf`).
     return [
         f"model.{k}={getattr(cfg, k)!r} (LLaMA needs {v!r})"
         for k, v in wanted.items()
         if getattr(cfg, k) != v
     ]
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The RoPE fields of config.json, in transformers 5's and 4.x's spellings.
+
+    transformers 5 takes `rope_scaling` over `rope_parameters` when both are set, filling its
+    rope_theta from the top-level field, so the two spellings below read the same in 5 and 4.x.
+    """
+    if cfg.rope_scaling == "":
+        scaling = None
+    else:
+        scaling = {
+            "rope_type": cfg.rope_scaling,
+            "factor": cfg.rope_scaling_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_len,
+        }
+    v5 = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta}
+    return {"rope_parameters": v5, "rope_theta": cfg.rope_theta, "rope_scaling": scaling}
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -125,9 +208,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_theta": cfg.rope_theta,  # the transformers 4.x spelling
-        "rope_scaling": None,
+        **_rope_to_hf(cfg),
         "attention_bias": False,
         "mlp_bias": False,
         # plm_jax's residual dropout has no LLaMA counterpart; attention dropout is off.

@@ -1,11 +1,16 @@
-"""Transformer language models in Flax NNX. Decoder-only (GPT-2 and LLaMA styles) for now.
+"""Transformer language models in Flax NNX: decoders (GPT-2, LLaMA) and encoders (BERT).
 
 Module map: `layers` (the parameter helper, embeddings, norms, MLPs, RoPE), `attention`,
-`transformer` (Block, Decoder, KVCache, LmOutput), `sizes` (resolved sizes, parameter counts).
+`transformer` (Block, Decoder, KVCache, LmOutput), `encoder` (Encoder, EncoderOutput), `sizes`
+(resolved sizes, parameter counts). `build_model` picks the class from `model.family`.
 Nothing here imports `plm_jax.train`, `plm_jax.data` or `plm_jax.cli`, and no model sees a Mesh.
 """
 
+from flax import nnx
+
+from plm_jax.config import ModelConfig
 from plm_jax.models.attention import Attention, attention_mask
+from plm_jax.models.encoder import Encoder, EncoderOutput
 from plm_jax.models.layers import (
     Embed,
     GeluMlp,
@@ -24,6 +29,8 @@ __all__ = [
     "Block",
     "Decoder",
     "Embed",
+    "Encoder",
+    "EncoderOutput",
     "GeluMlp",
     "KVCache",
     "LayerNorm",
@@ -32,9 +39,26 @@ __all__ = [
     "SwiGluMlp",
     "apply_rope",
     "attention_mask",
+    "build_model",
     "count_params",
     "make_param",
     "param_count",
     "resolve_model_config",
     "rope_tables",
 ]
+
+
+MODEL_CLASSES: dict[str, type[nnx.Module]] = {"decoder": Decoder, "encoder": Encoder}
+
+
+def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Decoder | Encoder:
+    """The model class of `cfg.family`, built from `rngs`.
+
+    Raises:
+      ValueError: a family without a model class here (encoder_decoder lands with issue #6).
+    """
+    if cfg.family not in MODEL_CLASSES:
+        raise ValueError(
+            f"model.family={cfg.family!r} has no model yet; choose one of {list(MODEL_CLASSES)}"
+        )
+    return MODEL_CLASSES[cfg.family](cfg, rngs=rngs)

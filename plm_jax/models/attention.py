@@ -1,7 +1,8 @@
-"""Causal self-attention with packed-document masks, MHA / GQA / MQA, RoPE and a KV buffer.
+"""Self-attention with packed-document masks, MHA / GQA / MQA, RoPE and a KV buffer.
 
 One mask rule serves training, prefill and decoding (`attention_mask`): a query attends to a key
-when the key's slot is not later than the query's and both carry the same nonzero segment id.
+when both carry the same nonzero segment id and, for decoders (causal), the key's slot is not
+later than the query's; encoders attend in both directions.
 Segment 0 marks padding and empty cache slots. The kernel is `jax.nn.dot_product_attention`,
 which broadcasts K kv heads over N query heads itself (N must be a multiple of K).
 
@@ -27,9 +28,14 @@ ATTENTION_IMPLEMENTATIONS: dict[str, str | None] = {"xla": None, "cudnn": "cudnn
 
 
 def attention_mask(
-    q_segment: jax.Array, k_segment: jax.Array, q_index: jax.Array, k_index: jax.Array
+    q_segment: jax.Array,
+    k_segment: jax.Array,
+    q_index: jax.Array,
+    k_index: jax.Array,
+    *,
+    causal: bool = True,
 ) -> jax.Array:
-    """Causal + same-document mask.
+    """Causal (or, with `causal=False`, bidirectional) + same-document mask.
 
     Args:
       q_segment: [B, L] int, segment id of each query (0 = padding).
@@ -42,9 +48,10 @@ def attention_mask(
       `dot_product_attention` fills masked logits with a large finite negative, so that row is
       a uniform average (finite, never NaN) and is ignored downstream.
     """
-    causal = q_index[:, None] >= k_index[None, :]  # [L, S]
     same = (q_segment[:, :, None] == k_segment[:, None, :]) & (q_segment[:, :, None] != 0)
-    return (same & causal[None])[:, None]
+    if causal:
+        same = same & (q_index[:, None] >= k_index[None, :])[None]  # [L, S] broadcast over B
+    return same[:, None]
 
 
 class Attention(nnx.Module):

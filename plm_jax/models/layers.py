@@ -14,12 +14,16 @@ statistics and the rotary rotation run in float32.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from plm_jax.config import ModelConfig
 
 __all__ = [
     "INIT_STD",
@@ -27,10 +31,13 @@ __all__ = [
     "GeluMlp",
     "LayerNorm",
     "RMSNorm",
+    "RopeScaling",
     "SwiGluMlp",
     "apply_rope",
     "dropout",
     "make_param",
+    "rope_frequencies",
+    "rope_scaling_from_config",
     "rope_tables",
 ]
 
@@ -167,7 +174,10 @@ class RMSNorm(nnx.Module):
 
 
 class GeluMlp(nnx.Module):
-    """GPT-2 MLP: `gelu_tanh(x W_in + b_in) W_out + b_out`."""
+    """GPT-2/BERT MLP: `gelu(x W_in + b_in) W_out + b_out`.
+
+    `approximate=True` is GPT-2's tanh approximation; False is the exact erf GELU of BERT.
+    """
 
     def __init__(
         self,
@@ -176,6 +186,7 @@ class GeluMlp(nnx.Module):
         *,
         use_bias: bool,
         out_std: float,
+        approximate: bool = True,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -186,12 +197,13 @@ class GeluMlp(nnx.Module):
         self.b_in = make_param(zeros, (f,), ("mlp",), **kw) if use_bias else None
         self.w_out = make_param(normal(out_std), (f, d), ("mlp", "embed"), **kw)
         self.b_out = make_param(zeros, (d,), ("embed",), **kw) if use_bias else None
+        self.approximate = approximate
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]."""
         h = add_bias(jnp.einsum("BLD,DF->BLF", x, self.w_in[...].astype(self.dtype)), self.b_in)
-        h = jax.nn.gelu(h, approximate=True)  # GPT-2's tanh approximation
+        h = jax.nn.gelu(h, approximate=self.approximate)
         return add_bias(
             jnp.einsum("BLF,FD->BLD", h, self.w_out[...].astype(self.dtype)), self.b_out
         )
@@ -231,7 +243,72 @@ class SwiGluMlp(nnx.Module):
         )
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+class RopeScaling(NamedTuple):
+    """Llama 3.1 frequency scaling of RoPE (transformers' rope_type "llama3").
+
+    Attributes:
+      factor: long wavelengths are stretched by this much (8 in Llama 3.1).
+      low_freq_factor: wavelengths above original_max_len / low_freq_factor are fully scaled.
+      high_freq_factor: wavelengths below original_max_len / high_freq_factor are kept.
+      original_max_len: the context length of pre-training (8192 in Llama 3.1).
+    """
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_len: int
+
+
+def rope_scaling_from_config(cfg: ModelConfig) -> RopeScaling | None:
+    """The RoPE scaling that `cfg.rope_scaling` names, or None for plain RoPE ("")."""
+    if cfg.rope_scaling == "":
+        return None
+    if cfg.rope_scaling != "llama3":
+        raise ValueError(f"model.rope_scaling={cfg.rope_scaling!r}; supported: '', 'llama3'")
+    return RopeScaling(
+        cfg.rope_scaling_factor,
+        cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor,
+        cfg.rope_original_max_len,
+    )
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """The H/2 rotation frequencies (radians per position), float32, as transformers has them.
+
+    They depend only on the config, so they are computed once on the host in numpy float32
+    (constants under jit), rounding op for op as transformers' torch code does so the values
+    match bit for bit. torch evaluates `scalar / tensor` as `reciprocal(tensor) * scalar`,
+    hence the explicit reciprocals below.
+
+    Args:
+      head_dim: H, even.
+      theta: the RoPE base; channel pair i turns at `theta^(-2i/H)` before scaling.
+      scaling: Llama 3.1 scaling (transformers `_compute_llama3_parameters`), or None.
+
+    Returns:
+      [H/2] float32.
+    """
+    f32 = np.float32
+    inv_freq = f32(1.0) / f32(theta) ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim))
+    if scaling is None:
+        return inv_freq
+    # Llama 3.1: wavelengths shorter than original_max_len / high_freq_factor keep their
+    # frequency, longer than original_max_len / low_freq_factor are slowed by `factor`, and the
+    # band between blends the two linearly in original_max_len / wavelength.
+    factor, low, high, old_len = scaling
+    wavelen = (f32(1.0) / inv_freq) * f32(2 * math.pi)
+    is_low_freq = wavelen > f32(old_len / low)
+    is_high_freq = wavelen < f32(old_len / high)
+    scaled = np.where(is_low_freq, inv_freq / f32(factor), inv_freq)
+    smooth = ((f32(1.0) / wavelen) * f32(old_len) - f32(low)) / f32(high - low)
+    smoothed = (f32(1.0) - smooth) * scaled / f32(factor) + smooth * scaled
+    return np.where(is_low_freq | is_high_freq, scaled, smoothed)
+
+
+def rope_tables(
+    positions: jax.Array, head_dim: int, theta: float, *, scaling: RopeScaling | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Rotary tables (Su et al. 2021) in the Hugging Face LLaMA layout.
 
     Channel `i` and channel `i + H/2` form a rotating pair with frequency
@@ -241,11 +318,12 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
       positions: [B, L] int.
       head_dim: H, even.
       theta: the RoPE base.
+      scaling: Llama 3.1 frequency scaling (`rope_scaling_from_config`), or None for plain RoPE.
 
     Returns:
       (cos, sin), each [B, L, 1, H] float32, broadcasting over heads.
     """
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     return jnp.cos(angles), jnp.sin(angles)

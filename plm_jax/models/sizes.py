@@ -48,7 +48,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
             f"{cfg.num_heads}; set model.head_dim explicitly or pick a dividing head count"
         )
     mlp_dim = cfg.mlp_dim
-    if not mlp_dim and cfg.mlp == "gelu":
+    if not mlp_dim and cfg.mlp in ("gelu", "gelu_exact"):
         mlp_dim = 4 * cfg.embed_dim
     elif not mlp_dim:
         mlp_dim = 256 * math.ceil(int(2 * 4 * cfg.embed_dim / 3) / 256)
@@ -67,7 +67,7 @@ def _pick(table: dict[str, Any], key: str, field: str) -> Any:
 
 
 def count_params(cfg: ModelConfig) -> int:
-    """Closed-form parameter count of `Decoder(cfg)`.
+    """Closed-form parameter count of `Decoder(cfg)` or, for family "encoder", `Encoder(cfg)`.
 
     With D embed, V vocab, P max_seq_len, N/K heads, H head dim, F mlp dim, b = use_bias:
       embeddings  V*D, plus P*D for learned positions (none for RoPE)
@@ -76,19 +76,30 @@ def count_params(cfg: ModelConfig) -> int:
       mlp         GELU: 2*D*F + b*(F + D);  SwiGLU: 3*D*F + b*(2F + D)
       total       embeddings + layers * (2 norm + attention + mlp) + norm + (0 tied | D*V)
     GPT-2 124M: 124,439,808. Llama 3.2 1B: 1,235,814,400.
+
+    An encoder adds T*D token types (T = type_vocab_size), one norm on the embeddings (post-norm)
+    instead of the final norm (pre-norm), a pooler D*D + b*D, and an MLM head D*D + b*D + norm
+    + b*V. BERT-base: 109,482,240 with the pooler (`BertModel`), 110,104,890 with the MLM
+    head too.
     """
     c = resolve_model_config(cfg)
     d, v, f, b = c.embed_dim, c.vocab_size, c.mlp_dim, int(c.use_bias)
     n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
     norm = _pick({"layernorm": d * (1 + b), "rmsnorm": d}, c.norm, "norm")
     attention = d * n * h + 2 * d * k * h + n * h * d + b * (n * h + 2 * k * h + d)
+    gelu = 2 * d * f + b * (f + d)
     mlp = _pick(
-        {"gelu": 2 * d * f + b * (f + d), "swiglu": 3 * d * f + b * (2 * f + d)}, c.mlp, "mlp"
+        {"gelu": gelu, "gelu_exact": gelu, "swiglu": 3 * d * f + b * (2 * f + d)}, c.mlp, "mlp"
     )
     positions = _pick({"learned": c.max_seq_len * d, "rope": 0}, c.position, "position")
     embeddings = v * d + positions
     head = 0 if c.tie_embeddings else d * v
-    return embeddings + c.num_layers * (2 * norm + attention + mlp) + norm + head
+    blocks = c.num_layers * (2 * norm + attention + mlp)
+    if c.family != "encoder":
+        return embeddings + blocks + norm + head
+    pooler = (d * d + b * d) if c.use_pooler else 0
+    mlm = (d * d + b * d + norm + b * v + head) if c.use_mlm_head else 0
+    return embeddings + c.type_vocab_size * d + norm + blocks + pooler + mlm
 
 
 def param_count(model: nnx.Module) -> int:

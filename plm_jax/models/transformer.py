@@ -38,6 +38,7 @@ from plm_jax.models.layers import (
     dropout,
     make_param,
     normal,
+    rope_scaling_from_config,
     rope_tables,
 )
 from plm_jax.models.sizes import resolve_model_config
@@ -52,6 +53,9 @@ __all__ = [
     "NORMS",
     "POSITION_EMBEDDINGS",
     "REMAT_POLICIES",
+    "Stack",
+    "check_variants",
+    "make_blocks",
 ]
 
 ACT_AXES = ("act_batch", "act_seq", "act_embed")
@@ -65,7 +69,11 @@ NORMS: dict[str, Callable[..., nnx.Module]] = {
     ),
     "rmsnorm": lambda cfg, **kw: RMSNorm(cfg.embed_dim, cfg.norm_eps, **kw),
 }
-MLPS: dict[str, type[nnx.Module]] = {"gelu": GeluMlp, "swiglu": SwiGluMlp}
+MLPS: dict[str, Callable[..., nnx.Module]] = {
+    "gelu": GeluMlp,
+    "gelu_exact": functools.partial(GeluMlp, approximate=False),
+    "swiglu": SwiGluMlp,
+}
 # Remat is applied per block; "full" saves nothing and recomputes the whole block backward.
 REMAT_POLICIES: dict[str, Callable[[Callable], Callable]] = {
     "none": lambda f: f,
@@ -82,8 +90,12 @@ POSITION_EMBEDDINGS: dict[str, Callable[..., nnx.Module | None]] = {
 }
 
 
-def _check_variants(cfg: ModelConfig) -> None:
-    """Raises ValueError for a variant string that no table knows."""
+def check_variants(cfg: ModelConfig, family: str) -> None:
+    """Raises ValueError for a variant string that no table knows, or another model family."""
+    if cfg.family != family:
+        raise ValueError(
+            f"model.family={cfg.family!r} cannot build a {family}; use models.build_model"
+        )
     tables = {
         "norm": NORMS,
         "mlp": MLPS,
@@ -134,7 +146,8 @@ class LmOutput:
 
 
 class Block(nnx.Module):
-    """Pre-norm Transformer block: `x + Attn(Norm(x))`, then `x + Mlp(Norm(x))`."""
+    """Transformer block. Pre-norm (GPT-2, LLaMA): `x + Attn(Norm(x))`, then `x + Mlp(Norm(x))`.
+    Post-norm (BERT): `Norm(x + Attn(x))`, then `Norm(x + Mlp(x))`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         """cfg: a resolved config (`resolve_model_config`)."""
@@ -158,6 +171,7 @@ class Block(nnx.Module):
             cfg.embed_dim, cfg.mlp_dim, use_bias=cfg.use_bias, out_std=out_std, **kw
         )
         self.dropout_rate = cfg.dropout
+        self.post_norm = cfg.norm_placement == "post"
 
     def __call__(
         self,
@@ -171,9 +185,15 @@ class Block(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: [B, L, D] -> ([B, L, D], updated kv). `key` None means no dropout."""
         x = constrain(x, ACT_AXES)
+        rate = self.dropout_rate
+        if self.post_norm:
+            h, kv = self.attn(x, mask=mask, rope=rope, kv=kv, write_index=write_index)
+            x = self.attn_norm(x + dropout(h, rate, _fold_in(key, 0)))
+            x = self.mlp_norm(x + dropout(self.mlp(x), rate, _fold_in(key, 1)))
+            return constrain(x, ACT_AXES), kv
         h, kv = self.attn(self.attn_norm(x), mask=mask, rope=rope, kv=kv, write_index=write_index)
-        x = x + dropout(h, self.dropout_rate, _fold_in(key, 0))
-        x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, _fold_in(key, 1))
+        x = x + dropout(h, rate, _fold_in(key, 0))
+        x = x + dropout(self.mlp(self.mlp_norm(x)), rate, _fold_in(key, 1))
         return constrain(x, ACT_AXES), kv
 
 
@@ -181,7 +201,7 @@ def _fold_in(key: jax.Array | None, i: int) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, i)
 
 
-def _make_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+def make_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     if not cfg.use_scan_layers:
         return nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
@@ -194,7 +214,48 @@ def _make_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     return make(rngs)
 
 
-class Decoder(nnx.Module):
+class Stack(nnx.Module):
+    """What every Transformer stack shares: dropout keys and running the blocks.
+
+    Subclasses set `self.cfg` (resolved), `self.blocks` (`make_blocks`) and `self.dropout_rngs`.
+    """
+
+    cfg: ModelConfig
+
+    def _dropout_keys(self, deterministic: bool, rngs: nnx.Rngs | None):
+        """(embedding key, [num_layers] block keys), or (None, None) without dropout."""
+        if deterministic or self.cfg.dropout == 0.0:
+            return None, None
+        if rngs is None and self.dropout_rngs is None:
+            raise ValueError(
+                "deterministic=False with dropout > 0 needs randomness: pass "
+                "rngs=nnx.Rngs(dropout=key) or build the model with a 'dropout' stream"
+            )
+        key = rngs.dropout() if rngs is not None else self.dropout_rngs()
+        keys = jax.random.split(key, self.cfg.num_layers + 1)
+        return keys[0], keys[1:]
+
+    def _run_blocks(self, x, *, mask, rope, keys, kv=None, index=None):
+        """Applies every block, scanned or unrolled; kv: (k, v) [layers, B, S, K, H] or None."""
+
+        def apply(block, x, key, layer_kv):
+            return block(x, mask=mask, rope=rope, key=key, kv=layer_kv, write_index=index)
+
+        apply = REMAT_POLICIES[self.cfg.remat](apply)
+        if self.cfg.use_scan_layers:
+            scan = nnx.scan(apply, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+            return scan(self.blocks, x, keys, kv)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+            x, layer_kv = apply(block, x, None if keys is None else keys[i], layer_kv)
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        return x, None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+
+
+class Decoder(Stack):
     """Decoder-only causal LM (GPT-2: learned positions, LayerNorm, GELU; LLaMA: RoPE, RMSNorm,
     SwiGLU, GQA).
 
@@ -210,13 +271,13 @@ class Decoder(nnx.Module):
         Raises:
           ValueError: an unusable config (see `resolve_model_config`) or variant string.
         """
-        _check_variants(cfg)
+        check_variants(cfg, "decoder")
         cfg = resolve_model_config(cfg)
         self.cfg = cfg
         kw = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
         self.embed = Embed(cfg.vocab_size, cfg.embed_dim, names=("vocab", "embed"), **kw)
         self.pos_embed = POSITION_EMBEDDINGS[cfg.position](cfg, **kw)
-        self.blocks = _make_blocks(cfg, rngs)
+        self.blocks = make_blocks(cfg, rngs)
         self.final_norm = NORMS[cfg.norm](cfg, **kw)
         head_shape = (cfg.embed_dim, cfg.vocab_size)
         head_kw = dict(rngs=rngs, dtype=DTYPES[cfg.param_dtype])
@@ -281,7 +342,9 @@ class Decoder(nnx.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         else:
-            rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+            rope = rope_tables(
+                positions, cfg.head_dim, cfg.rope_theta, scaling=rope_scaling_from_config(cfg)
+            )
         x = dropout(x, cfg.dropout, embed_key)
         kv = None if cache is None else (cache.k, cache.v)
         index = None if cache is None else cache.index
@@ -322,35 +385,3 @@ class Decoder(nnx.Module):
         k_index = jnp.arange(k_segment.shape[1], dtype=jnp.int32)
         mask = attention_mask(segment_ids, k_segment, cache.index + q_index, k_index)
         return positions, mask, k_segment
-
-    def _dropout_keys(self, deterministic: bool, rngs: nnx.Rngs | None):
-        """(embedding key, [num_layers] block keys), or (None, None) without dropout."""
-        if deterministic or self.cfg.dropout == 0.0:
-            return None, None
-        if rngs is None and self.dropout_rngs is None:
-            raise ValueError(
-                "deterministic=False with dropout > 0 needs randomness: pass "
-                "rngs=nnx.Rngs(dropout=key) or build the model with a 'dropout' stream"
-            )
-        key = rngs.dropout() if rngs is not None else self.dropout_rngs()
-        keys = jax.random.split(key, self.cfg.num_layers + 1)
-        return keys[0], keys[1:]
-
-    def _run_blocks(self, x, *, mask, rope, keys, kv, index):
-        """Applies every block, scanned or unrolled; kv: (k, v) [layers, B, S, K, H] or None."""
-
-        def apply(block, x, key, layer_kv):
-            return block(x, mask=mask, rope=rope, key=key, kv=layer_kv, write_index=index)
-
-        apply = REMAT_POLICIES[self.cfg.remat](apply)
-        if self.cfg.use_scan_layers:
-            scan = nnx.scan(apply, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-            return scan(self.blocks, x, keys, kv)
-        new_k, new_v = [], []
-        for i, block in enumerate(self.blocks):
-            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-            x, layer_kv = apply(block, x, None if keys is None else keys[i], layer_kv)
-            if layer_kv is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
-        return x, None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
