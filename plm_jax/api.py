@@ -5,9 +5,12 @@
     model.score(["Return the absolute value."])  # log P(text), per-token log-probs
     model.generate(["def "], max_new_tokens=32)   # KV-cache decoding
     model.evaluate()                              # loss/perplexity on the held-out split
+    model.embed(["Hello, my dog is cute"])        # hidden states + pooled vector (any model)
+    model.fill_mask(["Return the <mask> value."]) # masked-LM predictions (encoders)
 
-The checkpoint's own saved config rebuilds the model, so no YAML is needed. What it leaves out:
-fine-tuned task heads (issue #5) and Hugging Face directories (issue #4).
+The checkpoint's own saved config rebuilds the model, so no YAML is needed; a Hugging Face
+directory is imported first (`plm-jax convert --from hf`). What it leaves out: fine-tuned task
+heads (issue #5).
 """
 
 from __future__ import annotations
@@ -22,14 +25,24 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from plm_jax.checkpoint import Checkpointer
+from plm_jax.checkpoint import Checkpointer, locate_checkpoint
 from plm_jax.config import Config, MeshConfig, config_from_dict
 from plm_jax.data.loader import eval_loader
 from plm_jax.data.packing import PackedWindows
+from plm_jax.data.pipeline import make_masker
 from plm_jax.data.prepare import prepare_data
-from plm_jax.errors import DataError
-from plm_jax.infer import Generation, TextScore, generate, score_texts
-from plm_jax.models import Decoder
+from plm_jax.errors import ConfigError, DataError
+from plm_jax.infer import (
+    Embedding,
+    Generation,
+    MaskPrediction,
+    TextScore,
+    embed_texts,
+    fill_mask,
+    generate,
+    score_texts,
+)
+from plm_jax.models import Decoder, Encoder
 from plm_jax.sharding import batch_sharding, make_mesh, shard_batch
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.loop import resolve_vocab
@@ -40,23 +53,42 @@ from plm_jax.train.step import eval_step
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A trained decoder with its tokenizer and config, ready for inference."""
+    """A trained decoder or encoder with its tokenizer and config, ready for inference."""
 
-    model: Decoder
+    model: Decoder | Encoder
     tokenizer: Tokenizer
     config: Config
     step: int
     path: Path
 
     def score(self, texts: list[str] | str, **kwargs: Any) -> list[TextScore]:
-        """Log-probabilities of each text (see `plm_jax.infer.score_texts`)."""
+        """Log-probabilities of each text (see `plm_jax.infer.score_texts`); decoders only."""
+        self._need_decoder("score")
         texts = [texts] if isinstance(texts, str) else list(texts)
         return score_texts(self.model, self.tokenizer, texts, **kwargs)
 
     def generate(self, prompts: list[str] | str, **kwargs: Any) -> list[Generation]:
-        """Continuations of each prompt (see `plm_jax.infer.generate`)."""
+        """Continuations of each prompt (see `plm_jax.infer.generate`); decoders only."""
+        self._need_decoder("generate")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return generate(self.model, self.tokenizer, prompts, **kwargs)
+
+    def embed(self, texts: list[str] | str, **kwargs: Any) -> list[Embedding]:
+        """Last hidden states and pooled vectors (see `plm_jax.infer.embed_texts`)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return embed_texts(self.model, self.tokenizer, texts, **kwargs)
+
+    def fill_mask(self, texts: list[str] | str, **kwargs: Any) -> list[list[MaskPrediction]]:
+        """Predictions at each mask token (see `plm_jax.infer.fill_mask`); MLM encoders only."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return fill_mask(self.model, self.tokenizer, texts, **kwargs)
+
+    def _need_decoder(self, what: str) -> None:
+        if not isinstance(self.model, Decoder):
+            raise ConfigError(
+                f"{what} needs a decoder (causal LM); {self.path} holds a "
+                f"model.family={self.config.model.family!r} model. Use embed or fill_mask"
+            )
 
     def evaluate(self, data: str | None = None, *, batch_size: int | None = None) -> dict:
         """Loss and perplexity on `data` (a file, directory or glob) or the run's held-out split.
@@ -67,28 +99,13 @@ class LoadedModel:
         return evaluate_model(self, data, batch_size=batch_size)
 
 
-def _locate(path: str | Path) -> tuple[Path, int | None]:
-    """(run directory, checkpoint step or None for the newest) of a user-given path."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{str(path)!r} does not exist; give a run directory or a checkpoint")
-    if path.name.isdigit() and path.parent.name == "checkpoints":
-        return path.parent.parent, int(path.name)
-    if (path / "checkpoints").is_dir():
-        return path, None
-    raise DataError(
-        f"{str(path)!r} is neither a run directory (with checkpoints/) nor a checkpoint "
-        "(runs/NAME/checkpoints/STEP)"
-    )
-
-
 def load(path: str | Path) -> LoadedModel:
     """Loads a decoder checkpoint with its tokenizer and saved config.
 
     Raises:
       DataError: a missing path, a run without checkpoints, or a missing tokenizer.
     """
-    run_dir, step = _locate(path)
+    run_dir, step = locate_checkpoint(path)
     checkpointer = Checkpointer(run_dir, Config().checkpoint, read_only=True)
     try:
         step = checkpointer.latest_step() if step is None else step
@@ -131,14 +148,19 @@ def evaluate_model(lm: LoadedModel, data: str | None, *, batch_size: int | None)
         raise DataError(f"run {cfg.run_dir} has no held-out split; pass --data FILE")
     mesh = make_mesh(MeshConfig(), devices=jax.devices())
     batch = -(-batch // mesh.size) * mesh.size  # every device gets whole rows
+    masker = make_masker(cfg, lm.tokenizer)  # an encoder is evaluated on fixed MLM masks
     windows = PackedWindows(
-        store, cfg.model.max_seq_len, lm.tokenizer.pad_id, pad_to_multiple=batch
+        store,
+        cfg.model.max_seq_len,
+        lm.tokenizer.pad_id,
+        pad_to_multiple=batch,
+        causal=masker is None,
     )
     graphdef, params = nnx.split(lm.model, nnx.Param)
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))  # replicated
     step = jax.jit(partial(eval_step, graphdef=graphdef), in_shardings=(None, batch_sharding(mesh)))
     loss_sum = tokens = 0.0
-    for local in eval_loader(windows, global_batch=batch):
+    for local in eval_loader(windows, global_batch=batch, transform=masker):
         out = jax.device_get(step(params, shard_batch(local, mesh, batch)))
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])

@@ -111,6 +111,22 @@ class Checkpointer:
             restored = self._manager.restore(step, args=args)
         return restored["state"], restored["data"], restored["config"]
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Restores only the parameters of `step` (no optimizer state is read).
+
+        Raises:
+          DataError: the checkpoint's parameters do not fit `abstract_params`.
+        """
+        target = {"params": abstract_params}
+        _check_shapes(self.read_metadata(step), target, self.directory / str(step))
+        args = ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        with self._reading(step), ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(self.directory / str(step) / "state", args=args)["params"]
+
     def restore_config(self, step: int) -> dict:
         with self._reading(step):
             args = ocp.args.Composite(config=ocp.args.JsonRestore())
@@ -138,6 +154,25 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def locate_checkpoint(path: str | Path) -> tuple[Path, int | None]:
+    """(run directory, checkpoint step or None for the newest) of a user-given path.
+
+    Raises:
+      DataError: a path that is neither a run directory nor `runs/NAME/checkpoints/STEP`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{str(path)!r} does not exist; give a run directory or a checkpoint")
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        return path, None
+    raise DataError(
+        f"{str(path)!r} is neither a run directory (with checkpoints/) nor a checkpoint "
+        "(runs/NAME/checkpoints/STEP)"
+    )
 
 
 def _path_name(path: tuple) -> str:

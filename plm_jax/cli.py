@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import yaml
 
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_command(
         "pretrain",
-        "pretrain a decoder LM; a run directory that holds checkpoints resumes",
+        "pretrain a decoder (next token) or encoder (masked LM); a run with checkpoints resumes",
         cmd_pretrain,
     )
     config_command(
@@ -173,9 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     checkpoint_command(
         "embed",
-        "last hidden states and pooled vectors",
-        not_yet("embed", 4, "embeddings"),
-        ("--text", dict(required=True, action="append")),
+        "last hidden states and pooled vectors of texts (JSON lines, .json, .jsonl or .npy)",
+        cmd_embed,
+        ("--text", dict(action="append", default=[], help="repeat for several texts")),
+        (
+            "--input",
+            dict(metavar="FILE", help="one text per line, or JSONL with text (and text_pair)"),
+        ),
+        ("--pooling", dict(choices=["mean", "cls", "pooler", "last"], default="mean")),
+        ("--normalize", dict(action="store_true", help="unit-length pooled vectors")),
+        ("--hidden", dict(action="store_true", help="include per-token hidden states in JSON")),
+        (
+            "--output",
+            dict(metavar="FILE", help=".npy: pooled [N, D]; .json/.jsonl: records; default stdout"),
+        ),
+        ("--batch-size", dict(type=int, default=32)),
     )
     checkpoint_command(
         "predict",
@@ -253,11 +266,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from plm_jax.train.loop import pretrain
 
     cfg = _load(args)
-    if cfg.model.family != "decoder":
-        issue = 4 if cfg.model.family == "encoder" else 6
+    if cfg.model.family == "encoder_decoder":
         raise NotYetAvailable(
-            f"model.family={cfg.model.family!r} pretraining lands with issue #{issue}; "
-            "use model.family=decoder"
+            "model.family='encoder_decoder' pretraining lands with issue #6; use "
+            "model.family=decoder or encoder"
         )
     log.info("resolved config:\n%s", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     final = pretrain(cfg)
@@ -274,6 +286,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 SAMPLE_PROMPT = "Return the"
+FILL_MASK_SAMPLE = "Return the {mask} value of the argument."
 
 
 def _print_sample(cfg) -> None:
@@ -285,6 +298,15 @@ def _print_sample(cfg) -> None:
     if jax.process_index() != 0:
         return
     lm = plm_jax.load(cfg.run_dir)
+    if cfg.model.family == "encoder":
+        if lm.tokenizer.mask_id is None or not cfg.model.use_mlm_head:
+            return
+        mask = lm.tokenizer.id_to_piece(lm.tokenizer.mask_id)
+        text = FILL_MASK_SAMPLE.format(mask=mask)
+        (prediction,) = lm.fill_mask(text, top_k=5)[0]
+        picks = ", ".join(f"{piece!r} {p:.2f}" for piece, _, p in prediction.candidates)
+        print(f"fill-mask sample: {text} -> {picks}")
+        return
     max_new = min(48, cfg.model.max_seq_len - len(lm.tokenizer.encode(SAMPLE_PROMPT)) - 1)
     if max_new < 1:
         return
@@ -342,6 +364,85 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             print(f"{g.prompt}{g.text}")
             print(f"[{len(g.token_ids)} tokens, {g.finish_reason}]")
+    return 0
+
+
+def _embed_inputs(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
+    """(texts, pairs) from --text and --input."""
+    from plm_jax.errors import DataError
+
+    texts, pairs = list(args.text), [None] * len(args.text)
+    if args.input:
+        path = Path(args.input)
+        if not path.is_file():
+            raise DataError(f"--input {str(path)!r} does not exist; give a text or JSONL file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"--input {str(path)!r} is not UTF-8 text ({e.reason})") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if path.suffix != ".jsonl":
+                texts.append(line)
+                pairs.append(None)
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path}:{n} is not valid JSON; one object per line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f'{path}:{n} needs a string "text" field')
+            texts.append(record["text"])
+            pairs.append(record.get("text_pair"))
+    if not texts:
+        raise ConfigError("nothing to embed: give --text TEXT (repeatable) or --input FILE")
+    return texts, pairs
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import plm_jax
+
+    texts, pairs = _embed_inputs(args)
+    out = Path(args.output) if args.output else None
+    if out is not None and out.suffix not in (".npy", ".json", ".jsonl"):
+        raise ConfigError(f"--output {str(out)!r}: use a .npy, .json or .jsonl file name")
+    embeddings = plm_jax.load(args.checkpoint).embed(
+        texts,
+        text_pairs=pairs,
+        pooling=args.pooling,
+        normalize=args.normalize,
+        batch_size=args.batch_size,
+    )
+    if out is not None and out.suffix == ".npy":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, np.stack([e.pooled for e in embeddings]))
+        print(f"wrote {out}: pooled vectors [{len(embeddings)}, {embeddings[0].pooled.size}]")
+        return 0
+    records = []
+    for e in embeddings:
+        record = {
+            "text": e.text,
+            "num_tokens": len(e.token_ids),
+            "truncated": e.truncated,
+            "pooled": e.pooled.tolist(),
+        }
+        if args.hidden:
+            record["token_ids"] = e.token_ids
+            record["hidden"] = e.hidden.tolist()
+        records.append(record)
+    if out is None:
+        for record in records:
+            print(json.dumps(record))
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".json":
+        out.write_text(json.dumps(records))
+    else:
+        out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"wrote {out}: {len(records)} embeddings")
     return 0
 
 

@@ -73,7 +73,10 @@ def param_breakdown(cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
     total = count_params(c)
     token = c.vocab_size * c.embed_dim
     position = c.max_seq_len * c.embed_dim if c.position == "learned" else 0
-    head = 0 if c.tie_embeddings else c.embed_dim * c.vocab_size
+    if c.family == "encoder":  # token types count with the position table
+        position += c.type_vocab_size * c.embed_dim
+    has_head = c.family != "encoder" or c.use_mlm_head
+    head = 0 if c.tie_embeddings or not has_head else c.embed_dim * c.vocab_size
     return {
         "token_embedding": token,
         "position_embedding": position,
@@ -95,6 +98,7 @@ def nonembedding_params(cfg: ModelConfig, vocab_size: int) -> int:
 
 
 FLOPS_FORMULA = "6*N_nonemb + 6*L*(N*H)*T (causal attention halved; Kaplan 2020, PaLM app. B)"
+FLOPS_FORMULA_ENCODER = "6*N_nonemb + 12*L*(N*H)*T (bidirectional attention; Kaplan 2020)"
 
 
 def train_flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> dict[str, Any]:
@@ -122,6 +126,16 @@ def train_flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> di
     dense = 6 * nonembedding_params(c, vocab_size)
     attention = 6 * c.num_layers * c.num_heads * c.head_dim * seq_len
     head = 6 * c.embed_dim * vocab_size
+    if c.family == "encoder":  # bidirectional: every query attends to all T keys
+        return {
+            "flops_per_token": dense + 2 * attention,
+            "flops_per_token_noncausal": dense + 2 * attention,
+            "flops_per_token_with_head": dense + 2 * attention + head,
+            "lm_head_flops_per_token": head,
+            "attention_flops_per_token": 2 * attention,
+            "params_nonembedding": dense // 6,
+            "formula": FLOPS_FORMULA_ENCODER,
+        }
     return {
         "flops_per_token": dense + attention,
         "flops_per_token_noncausal": dense + 2 * attention,
@@ -231,7 +245,8 @@ class StepTimer:
     def lap(self, num_steps: int, real_tokens: float, padded_tokens: float) -> dict[str, float]:
         """Rates over the `num_steps` steps since the last lap or reset; restarts the clock.
 
-        `real_tokens` is the sum of the loss weights over those steps (non-padding targets);
+        `real_tokens` is the number of non-padding input tokens over those steps (for a
+        decoder, about the sum of the loss weights; a masked LM predicts only some of them);
         `padded_tokens` is batch * seq_len * num_steps. Returns perf/step_time (seconds per
         step), perf/tokens_per_sec, perf/padded_tokens_per_sec, and perf/mfu when the timer has
         flops_per_token and peak.

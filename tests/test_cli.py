@@ -56,7 +56,6 @@ def test_debug_shows_the_traceback():
     "argv, issue",
     [
         (["finetune", "x.yaml"], 5),
-        (["embed", "ckpt", "--text", "hi"], 4),
         (["predict", "ckpt", "--input", "a.jsonl"], 5),
     ],
 )

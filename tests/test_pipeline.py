@@ -112,7 +112,7 @@ def test_corpus_smaller_than_one_window_is_an_error(tmp_path, small_tokenizer):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("just a few words")
     cfg = config(tmp_path, tiny, "model.max_seq_len=64", "data.eval_fraction=0")
-    with pytest.raises(DataError, match=r"fewer than one window of model.max_seq_len\+1=65"):
+    with pytest.raises(DataError, match=r"fewer than one window of 65 \(model.max_seq_len=64\)"):
         build_pipeline(cfg, small_tokenizer, show_progress=False)
 
 

@@ -310,9 +310,57 @@ def test_gqa_with_fewer_kv_heads_than_tensor_devices():
     assert w_k.sharding.spec == PartitionSpec("fsdp", None, None)
 
 
-def test_init_from_says_it_is_not_available_yet(tmp_path, small_corpus, small_tokenizer):
-    from plm_jax.errors import NotYetAvailable
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, tiny_run):
+    from plm_jax.api import load
+    from plm_jax.config import load_config as load_yaml
 
+    source = load(tiny_run)  # 1 layer, 32 wide, trained 4 steps
+    cfg = load_config(
+        None,
+        [
+            f"init_from={tiny_run}",
+            f"data.source={source.config.data.source}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"run.dir={tmp_path / 'ft'}",
+            "train.batch_size=8",
+            "train.steps=3",
+            "train.warmup_steps=1",
+            "checkpoint.save_every=2",
+            "train.eval_every=1000",
+            "model.dropout=0.1",  # runtime settings stay the new run's own
+        ],
+    )
+    tr = loop.setup(cfg, show_progress=False)
+    try:
+        assert tr.model_cfg.num_layers == 1 and tr.model_cfg.embed_dim == 32
+        assert tr.model_cfg.dropout == 0.1
+        assert int(tr.state.step) == 0
+        got = jax.tree.leaves(jax.device_get(tr.state.params))
+        want = jax.tree.leaves(jax.device_get(nnx_params(source.model)))
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+        mu = jax.tree.leaves(jax.device_get(tr.state.opt_state))
+        assert all(not np.any(x) for x in mu if np.ndim(x) > 0)  # fresh optimizer moments
+        loop.run(tr, show_progress=False, until=2)
+    finally:
+        tr.checkpointer.wait()
+        tr.checkpointer.close()
+        tr.writer.close()
+    saved = load_yaml(tmp_path / "ft" / "config.yaml")
+    assert saved.model.num_layers == 1 and saved.tokenizer.path  # the real model is recorded
+    # Resuming with the same command continues the new run from its own checkpoint.
+    final = loop.pretrain(cfg, show_progress=False)
+    assert final["step"] == 3
+
+
+def nnx_params(model):
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
+
+
+def test_init_from_a_missing_path_is_a_clear_error(tmp_path, small_corpus, small_tokenizer):
     cfg = run_config(tmp_path, small_corpus, small_tokenizer, 4, "init_from=runs/x", name="i")
-    with pytest.raises(NotYetAvailable, match=r"init_from='runs/x'.*issue #5"):
+    with pytest.raises(DataError, match=r"'runs/x' does not exist"):
         loop.setup(cfg, show_progress=False)

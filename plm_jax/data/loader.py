@@ -13,7 +13,7 @@ full batches with weight-0 windows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -21,6 +21,8 @@ import numpy as np
 
 from plm_jax.data.packing import PackedWindows
 from plm_jax.errors import ConfigError
+
+EVAL_MASK_SEED = 0x5EED  # evaluation masks are the same in every run and at every step
 
 
 class BatchLoader:
@@ -33,6 +35,11 @@ class BatchLoader:
       process_index, process_count: which slice this process reads.
       repeat: loop over epochs forever (training) or stop after one pass (evaluation).
       num_threads, prefetch: grain read threads and prefetch buffer.
+      transform: `fn(example, rng) -> example` applied to each example after the shuffle and
+        repeat (masked-LM masking), with an `np.random.Generator` that grain derives from
+        `transform_seed` and the example's position in the stream: reproducible, different in
+        each epoch, and exactly resumable from the iterator state.
+      transform_seed: the seed of `transform`'s generators.
     """
 
     def __init__(
@@ -46,6 +53,8 @@ class BatchLoader:
         repeat: bool = True,
         num_threads: int = 2,
         prefetch: int = 4,
+        transform: Callable[[dict[str, np.ndarray], np.random.Generator], dict] | None = None,
+        transform_seed: int = 0,
     ):
         if global_batch % process_count:
             raise ConfigError(
@@ -63,6 +72,8 @@ class BatchLoader:
             ds = ds.shuffle(seed=seed)
         if repeat:
             ds = ds.repeat(None)
+        if transform is not None:
+            ds = ds.random_map(transform, seed=transform_seed)
         # Consecutive local batches b*P + p for p = 0..P-1 form global batch b.
         ds = ds.batch(self.local_batch, drop_remainder=True)
         self.batches_per_epoch = len(windows) // global_batch
@@ -85,9 +96,17 @@ class BatchLoader:
 
 
 def eval_loader(
-    windows: PackedWindows, *, global_batch: int, process_index: int = 0, process_count: int = 1
+    windows: PackedWindows,
+    *,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    transform: Callable[[dict[str, np.ndarray], np.random.Generator], dict] | None = None,
 ) -> BatchLoader:
-    """One ordered pass over every window; `windows` must be padded to a multiple of the batch."""
+    """One ordered pass over every window; `windows` must be padded to a multiple of the batch.
+
+    A `transform` (masking) runs with a fixed seed, so every evaluation sees the same masks.
+    """
     if len(windows) % global_batch:
         raise ValueError("eval windows must be padded to a multiple of the global batch")
     return BatchLoader(
@@ -99,4 +118,6 @@ def eval_loader(
         repeat=False,
         num_threads=1,
         prefetch=2,
+        transform=transform,
+        transform_seed=EVAL_MASK_SEED,
     )

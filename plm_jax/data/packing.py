@@ -1,4 +1,9 @@
-"""Packing: the token stream of one split cut into fixed windows of `max_seq_len + 1` tokens.
+"""Packing: the token stream of one split cut into fixed windows.
+
+Causal (next-token) windows hold `max_seq_len + 1` tokens, as described below. Masked-LM
+windows (`causal=False`) hold exactly `T` tokens, `[i*T, (i+1)*T)`, without overlap: `inputs`
+and `targets` are both the window, `weights` are all zero, and the masking transform
+(`masking.py`) corrupts the inputs and sets a weight on each position to predict.
 
 Window `i` covers stream tokens `[i*T, i*T + T + 1)` for `T = max_seq_len`, so consecutive
 windows overlap by one token and every token is a prediction target exactly once. Each window
@@ -37,24 +42,33 @@ class PackedWindows:
         this, so evaluation batches are all full and no real window is dropped.
     """
 
-    def __init__(self, store: TokenStore, seq_len: int, pad_id: int, pad_to_multiple: int = 1):
-        self.store, self.seq_len, self.pad_id = store, seq_len, pad_id
+    def __init__(
+        self,
+        store: TokenStore,
+        seq_len: int,
+        pad_id: int,
+        pad_to_multiple: int = 1,
+        *,
+        causal: bool = True,
+    ):
+        self.store, self.seq_len, self.pad_id, self.causal = store, seq_len, pad_id, causal
+        shift = int(causal)  # causal windows reach one token further, for the last target
         n = store.num_tokens
-        self.num_real = -(-(n - 1) // seq_len) if n >= 2 else 0
+        self.num_real = -(-(n - shift) // seq_len) if n >= 1 + shift else 0
         self._len = -(-self.num_real // pad_to_multiple) * pad_to_multiple
 
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        T = self.seq_len
+        T, shift = self.seq_len, int(self.causal)
         if not 0 <= index < self._len:
             raise IndexError(f"window {index} out of range [0, {self._len})")
         start = index * T
-        stop = min(start + T + 1, self.store.num_tokens) if index < self.num_real else start
-        window = np.full(T + 1, self.pad_id, np.int32)
-        segment = np.zeros(T + 1, np.int32)
-        positions = np.zeros(T + 1, np.int32)
+        stop = min(start + T + shift, self.store.num_tokens) if index < self.num_real else start
+        window = np.full(T + shift, self.pad_id, np.int32)
+        segment = np.zeros(T + shift, np.int32)
+        positions = np.zeros(T + shift, np.int32)
         count = max(stop - start, 0)
         if count:
             window[:count] = self.store.read(start, stop)
@@ -63,6 +77,14 @@ class PackedWindows:
             doc = np.searchsorted(starts, idx, side="right") - 1
             segment[:count] = doc - doc[0] + 1
             positions[:count] = idx - np.maximum(np.asarray(starts[doc]), start)
+        if not self.causal:
+            return {
+                "inputs": window,
+                "targets": window.copy(),
+                "segment_ids": segment,
+                "positions": positions,
+                "weights": np.zeros(T, np.float32),
+            }
         same_doc = (segment[:-1] == segment[1:]) & (segment[1:] != 0)
         return {
             "inputs": window[:-1],

@@ -3,7 +3,8 @@
     tokenizer: `tokenizer.path`, or <run dir>/tokenizer if a previous run trained one there,
                else trained on `data.source` and saved there
     corpus:    tokenized once into the cache (`prepare.py`)
-    batches:   packed windows (`packing.py`) -> grain loaders (`loader.py`)
+    batches:   packed windows (`packing.py`) -> grain loaders (`loader.py`); encoders get
+               non-overlapping windows and dynamic masked-LM masking (`masking.py`)
 
 What it leaves out: moving batches onto devices (`sharding.shard_batch`) and the train loop.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from plm_jax.config import Config, DataConfig
 from plm_jax.data.loader import BatchLoader, eval_loader
+from plm_jax.data.masking import MlmMasker
 from plm_jax.data.packing import PackedWindows
 from plm_jax.data.prepare import PreparedData, prepare_data
 from plm_jax.data.sources import SourceStats, check_stats, iter_documents, resolve_files
@@ -78,6 +80,7 @@ class Pipeline:
     train_windows: PackedWindows
     eval_windows: PackedWindows | None
     train: BatchLoader
+    masker: MlmMasker | None = None
 
     def eval_batches(self, process_index: int = 0, process_count: int = 1) -> BatchLoader | None:
         """A fresh ordered pass over the held-out split (None when there is none)."""
@@ -88,7 +91,21 @@ class Pipeline:
             global_batch=self.train.global_batch,
             process_index=process_index,
             process_count=process_count,
+            transform=self.masker,
         )
+
+
+def make_masker(cfg: Config, tokenizer: Tokenizer) -> MlmMasker | None:
+    """The masked-LM transform for an encoder, None for a decoder.
+
+    Raises:
+      ConfigError: the tokenizer has no mask token.
+    """
+    if cfg.model.family != "encoder":
+        return None
+    return MlmMasker.from_tokenizer(
+        tokenizer, mask_prob=cfg.data.mask_prob, whole_word=cfg.data.whole_word_mask
+    )
 
 
 def build_pipeline(
@@ -105,12 +122,15 @@ def build_pipeline(
       DataError: no data, or a train split smaller than one window.
     """
     seq_len = cfg.model.max_seq_len
+    masker = make_masker(cfg, tokenizer)
+    causal = masker is None
     prepared = prepare_data(cfg.data, tokenizer, show_progress=show_progress)
     train = prepared.train
-    if train.num_tokens < seq_len + 1:
+    if train.num_tokens < seq_len + causal:
         raise DataError(
             f"the training split has {train.num_tokens} tokens, fewer than one window of "
-            f"model.max_seq_len+1={seq_len + 1}; add data or lower model.max_seq_len"
+            f"{seq_len + causal} (model.max_seq_len={seq_len}); add data or lower "
+            "model.max_seq_len"
         )
     if train.max_doc_len < seq_len:
         log.info(
@@ -119,11 +139,15 @@ def build_pipeline(
             seq_len,
             train.max_doc_len,
         )
-    train_windows = PackedWindows(train, seq_len, tokenizer.pad_id)
+    train_windows = PackedWindows(train, seq_len, tokenizer.pad_id, causal=causal)
     eval_windows = None
     if prepared.eval is not None:
         eval_windows = PackedWindows(
-            prepared.eval, seq_len, tokenizer.pad_id, pad_to_multiple=cfg.train.batch_size
+            prepared.eval,
+            seq_len,
+            tokenizer.pad_id,
+            pad_to_multiple=cfg.train.batch_size,
+            causal=causal,
         )
     elif cfg.data.eval_fraction > 0:
         log.warning("no document was held out for evaluation; raise data.eval_fraction")
@@ -135,5 +159,7 @@ def build_pipeline(
         process_count=process_count,
         num_threads=cfg.data.loader_threads,
         prefetch=cfg.data.prefetch,
+        transform=masker,
+        transform_seed=cfg.run.seed,
     )
-    return Pipeline(prepared, train_windows, eval_windows, loader)
+    return Pipeline(prepared, train_windows, eval_windows, loader, masker)

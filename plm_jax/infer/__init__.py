@@ -1,10 +1,22 @@
-"""Inference with a trained decoder: scoring text (`score.py`) and generating it (`generate.py`).
+"""Inference: scoring text (`score.py`) and generating it (`generate.py`) with a decoder;
+hidden states, pooled embeddings and mask filling with any model (`encode.py`).
 
 Pure library functions over a live `Decoder` and `Tokenizer`; loading a checkpoint into them
 is `plm_jax.load`'s job, and the CLI wraps these functions.
 """
 
+from plm_jax.infer.encode import Embedding, MaskPrediction, embed_texts, fill_mask
 from plm_jax.infer.generate import Generation, generate, generate_ids
 from plm_jax.infer.score import TextScore, score_texts
 
-__all__ = ["Generation", "TextScore", "generate", "generate_ids", "score_texts"]
+__all__ = [
+    "Embedding",
+    "Generation",
+    "MaskPrediction",
+    "TextScore",
+    "embed_texts",
+    "fill_mask",
+    "generate",
+    "generate_ids",
+    "score_texts",
+]

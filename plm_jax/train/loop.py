@@ -24,10 +24,17 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from plm_jax.checkpoint import Checkpointer
-from plm_jax.config import Config, ModelConfig, config_to_dict, save_config, validate_for_devices
+from plm_jax.checkpoint import Checkpointer, locate_checkpoint
+from plm_jax.config import (
+    Config,
+    ModelConfig,
+    config_from_dict,
+    config_to_dict,
+    save_config,
+    validate_for_devices,
+)
 from plm_jax.data.pipeline import Pipeline, build_pipeline, load_or_train_tokenizer
-from plm_jax.errors import ConfigError, NotYetAvailable, TrainingError
+from plm_jax.errors import ConfigError, DataError, TrainingError
 from plm_jax.metrics import (
     MetricsWriter,
     ProgressBar,
@@ -87,8 +94,67 @@ class Trainer:
     eval_fn: Any = None
 
 
+# Model settings a run started from `init_from` keeps from its own config; everything else
+# in `model` (the architecture) comes from the checkpoint it starts from.
+RUNTIME_MODEL_FIELDS = ("dropout", "attention", "remat", "dtype", "param_dtype")
+
+
+def resolve_init_from(cfg: Config) -> Config:
+    """The config of a run that starts from `init_from`: its architecture and tokenizer.
+
+    `model` is the source checkpoint's (except `RUNTIME_MODEL_FIELDS`, kept from `cfg`), and
+    `tokenizer.path` the source's tokenizer unless `cfg` names one. A run that already holds
+    checkpoints takes them from its own newest checkpoint instead, so it resumes even when the
+    source has since moved. Without `init_from`, `cfg` is returned unchanged.
+
+    Raises:
+      DataError: `init_from` is not a run directory or checkpoint, or it has no tokenizer.
+    """
+    if not cfg.init_from:
+        return cfg
+    own = cfg.run_dir / "checkpoints"
+    source_dir, step = (cfg.run_dir, None) if own.is_dir() else locate_checkpoint(cfg.init_from)
+    checkpointer = Checkpointer(source_dir, cfg.checkpoint, read_only=True)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None or step not in checkpointer.all_steps():
+            raise DataError(f"init_from={cfg.init_from!r}: no committed checkpoint in {source_dir}")
+        source = config_from_dict(checkpointer.restore_config(step))
+    finally:
+        checkpointer.close()
+    model = dataclasses.replace(
+        source.model, **{k: getattr(cfg.model, k) for k in RUNTIME_MODEL_FIELDS}
+    )
+    tokenizer_path = cfg.tokenizer.path or source.tokenizer.path
+    if not tokenizer_path:
+        if not (source_dir / "tokenizer").is_dir():
+            raise DataError(f"init_from={cfg.init_from!r}: {source_dir} has no tokenizer/")
+        tokenizer_path = str((source_dir / "tokenizer").absolute())
+    tokenizer = dataclasses.replace(cfg.tokenizer, path=tokenizer_path)
+    return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)
+
+
+def _init_from_params(cfg: Config, state: TrainState, shardings: TrainState) -> TrainState:
+    """`state` (freshly initialised) with the parameters of the `init_from` checkpoint."""
+    source_dir, step = locate_checkpoint(cfg.init_from)
+    checkpointer = Checkpointer(source_dir, cfg.checkpoint, read_only=True)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            state.params,
+            shardings.params,
+        )
+        params = checkpointer.restore_params(step, abstract)
+    finally:
+        checkpointer.close()
+    log.info("initialised from %s (step %d)", source_dir / "checkpoints" / str(step), step)
+    return dataclasses.replace(state, params=params)
+
+
 def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
     """Builds (or restores) everything a run needs, before any step is compiled."""
+    cfg = resolve_init_from(cfg)
     validate_for_devices(cfg, jax.device_count())
     mesh = make_mesh(cfg.mesh)
     is_primary = jax.process_index() == 0
@@ -106,14 +172,10 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
     with use_mesh(mesh, cfg.mesh.rules):
         shardings = state_shardings(model_cfg, tx, mesh, cfg.mesh.rules)
         latest = checkpointer.latest_step()
-        if latest is None and cfg.init_from:
-            raise NotYetAvailable(
-                f"init_from={cfg.init_from!r}: starting a new run from pretrained weights lands "
-                "with issue #5. To continue training a converted or trained model, run "
-                "pretrain on its run directory (run.dir=...), which resumes from its checkpoint"
-            )
         if latest is None:
             state, _ = init_train_state(model_cfg, tx, mesh, cfg.run.seed, cfg.mesh.rules)
+            if cfg.init_from:
+                state = _init_from_params(cfg, state, shardings)
         else:
             abstract = sharded_abstract_state(model_cfg, tx, shardings)
             state, data_state, _ = checkpointer.restore(latest, abstract)
@@ -211,6 +273,7 @@ def _summarise(pending: list[dict[str, Any]]) -> dict[str, float]:
         "train/grad_norm": float(fetched[-1]["train/grad_norm"]),
         "train/lr": float(fetched[-1]["train/lr"]),
         "train/tokens": float(tokens.sum()),
+        "train/input_tokens": float(sum(m["train/input_tokens"] for m in fetched)),
     }
 
 
@@ -252,7 +315,7 @@ def run(tr: Trainer, *, show_progress: bool = True, until: int | None = None) ->
         if done % t.log_every == 0 or saving:  # fetch before saving: never save a NaN state
             last = {"step": done, **_summarise(pending)}
             last.update(
-                timer.lap(len(pending), last["train/tokens"], padded_per_step * len(pending))
+                timer.lap(len(pending), last["train/input_tokens"], padded_per_step * len(pending))
             )
             pending = []
             if not math.isfinite(last["train/loss"]) or not math.isfinite(last["train/grad_norm"]):

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from plm_jax.config import ModelConfig
-from plm_jax.models import Decoder
+from plm_jax.models import build_model
 from plm_jax.sharding import logical_to_sharding
 
 
@@ -38,14 +38,14 @@ class TrainState:
 
 def model_graphdef(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's static structure and its abstract parameters (no memory allocated)."""
-    abstract = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(params=0)))
+    abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(params=0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
     return graphdef, params
 
 
 def _init(key: jax.Array, model_cfg: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
     init_key, rng = jax.random.split(key)
-    model = Decoder(model_cfg, rngs=nnx.Rngs(params=init_key))
+    model = build_model(model_cfg, rngs=nnx.Rngs(params=init_key))
     params = nnx.state(model, nnx.Param)
     return TrainState(
         step=jnp.zeros((), jnp.int32),

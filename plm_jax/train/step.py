@@ -1,7 +1,11 @@
-"""Pure train and eval steps for next-token prediction.
+"""Pure train and eval steps: next-token prediction (decoders) and masked LM (encoders).
+
+Both objectives are the same weighted cross-entropy: a decoder's batch holds the next tokens
+as targets, an encoder's the original tokens, with weight 1 only at the masked positions.
 
 Loss normalisation: every micro-batch's loss is its *sum* of token cross-entropies divided by
-the number of real (weight-1) target tokens in the whole accumulated batch, and the micro-batch
+the number of real (weight-1) target tokens (for a masked LM: masked tokens) in the whole
+accumulated batch, and the micro-batch
 gradients are summed. So k micro-batches give the same gradient as one batch k times larger
 (up to float rounding), however the padding is spread among them.
 """
@@ -99,6 +103,7 @@ def train_step(
         "train/grad_norm": optax.global_norm(grads),
         "train/lr": schedule(state.step),
         "train/tokens": jnp.sum(batch["weights"]),
+        "train/input_tokens": jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32),
     }
     return new_state, metrics
 
