@@ -253,7 +253,7 @@ def test_config_mapping():
 @pytest.mark.parametrize(
     "base, changes, match",
     [
-        (GPT2_HF, {"model_type": "bert"}, "model_type='bert' is not supported"),
+        (GPT2_HF, {"model_type": "t5"}, "model_type='t5' is not supported"),
         (GPT2_HF, {"model_type": None}, "model_type=None is not supported"),
         (GPT2_HF, {"architectures": ["GPT2ForSequenceClassification"]}, "architectures="),
         (GPT2_HF, {"activation_function": "relu"}, "activation_function='relu'"),
@@ -367,6 +367,9 @@ def test_export_errors():
     with pytest.raises(ConfigError, match=r"gpt2: model.position='rope'.*llama: model.norm"):
         params_to_hf(cfg, random_params(cfg))
     gpt2_cfg = model_config_from_hf(GPT2_HF)
+    post = dataclasses.replace(gpt2_cfg, norm_placement="post")  # computes another function
+    with pytest.raises(ConfigError, match=r"gpt2: model.norm_placement='post'"):
+        params_to_hf(post, random_params(post))
     params = random_params(gpt2_cfg)
     del params["final_norm"]["bias"]
     with pytest.raises(DataError, match=r"missing \['final_norm/bias'\], unexpected none"):

@@ -86,7 +86,14 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def mismatches(cfg: ModelConfig) -> list[str]:
     """The settings of a resolved config that GPT-2 cannot express (empty: exportable)."""
-    wanted = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "use_bias": True}
+    wanted = {
+        "family": "decoder",
+        "position": "learned",
+        "norm": "layernorm",
+        "norm_placement": "pre",
+        "mlp": "gelu",
+        "use_bias": True,
+    }
     found = [
         f"model.{k}={getattr(cfg, k)!r} (GPT-2 needs {v!r})"
         for k, v in wanted.items()

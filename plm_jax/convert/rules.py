@@ -1,9 +1,10 @@
 """Tensor rules: how one Hugging Face tensor becomes plm_jax parameters, and back.
 
 A `TensorRule` pairs one HF tensor name and shape with the plm_jax parameter paths it fills
-and two pure functions, one per direction. Each family (`gpt2.py`, `llama.py`) lists its rules
-once, so import and export read from the same table and are inverse by construction: every
-function below only reshapes, transposes, splits or concatenates, so a round trip is exact.
+and two pure functions, one per direction. Each family (`gpt2.py`, `llama.py`, `bert.py`) lists
+its rules once, so import and export read from the same table and are inverse by construction:
+every function below only reshapes, transposes, splits or concatenates, so a round trip is
+exact.
 
 Paths are tuples into the pure-dict form of the model's parameters
 (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`), with the layer index after "blocks", e.g.
@@ -13,14 +14,15 @@ Paths are tuples into the pure-dict form of the model's parameters
 `option`/`require` read config.json fields with typed, named errors.
 
 What it leaves out: reading and writing files and the checks that every tensor and parameter
-is used exactly once (all in `hf.py`); the families themselves (`gpt2.py`, `llama.py`).
+is used exactly once (all in `hf.py`); the families themselves (`gpt2.py`, `llama.py`,
+`bert.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,7 @@ __all__ = [
     "linear",
     "option",
     "require",
+    "reshaped",
     "same",
     "split_columns",
 ]
@@ -65,6 +68,19 @@ class TensorRule:
 def same(hf_name: str, path: Path, shape: tuple[int, ...]) -> TensorRule:
     """Identical layout on both sides (norm scales, embeddings, biases of one matrix)."""
     return TensorRule(hf_name, shape, (path,), lambda x: (x,), lambda y: y)
+
+
+def reshaped(
+    hf_name: str, hf_shape: tuple[int, ...], path: Path, shape: tuple[int, ...]
+) -> TensorRule:
+    """Same values, another shape: e.g. a head-major bias [N*H] -> [N, H]."""
+    return TensorRule(
+        hf_name,
+        hf_shape,
+        (path,),
+        lambda x: (x.reshape(shape),),
+        lambda y: y.reshape(hf_shape),
+    )
 
 
 def conv1d(
@@ -119,9 +135,13 @@ def split_columns(
 class Family:
     """What one HF architecture needs: its names, its config mapping and its rule table.
 
+    The fields after `rules` have defaults that fit a decoder LM (GPT-2, LLaMA); an encoder
+    (BERT) sets them for its optional heads and its several accepted architectures.
+
     Attributes:
       model_type: `model_type` in config.json, e.g. "gpt2".
-      architecture: the HF class, written on export and the only one accepted on import.
+      architecture: the HF class written on export when `config_to_hf` names none, and accepted
+        on import.
       prefix: the base model's name prefix, e.g. "transformer."; checkpoints saved from the
         bare base model omit it.
       embed_name: the token embedding's name after the prefix (compared with a tied head).
@@ -132,6 +152,20 @@ class Family:
       mismatches: resolved ModelConfig -> the settings this family cannot express (empty if
         it can export the model).
       rules: (resolved ModelConfig, prefix) -> every TensorRule of the checkpoint.
+      model_family: the plm_jax `model.family` it maps to; export only tries families of the
+        model's own.
+      architectures: further HF classes accepted on import (same weights, other heads).
+      head_name: the output head's name, which a tied checkpoint may store as a copy of the
+        embedding.
+      legacy_names: (regex, replacement) pairs renaming tensors of older checkpoints before
+        matching, e.g. BERT's `LayerNorm.gamma` -> `LayerNorm.weight`.
+      copies: (resolved ModelConfig, prefix) -> {copy: source}: tensors that repeat another
+        tensor. Export writes them; import accepts them absent, or present and equal.
+      config_from_tensors: (ModelConfig, prefix, tensor names) -> ModelConfig, finishing what
+        config.json leaves open (BERT: whether the pooler and MLM head exist), or None.
+      export_prefix: resolved ModelConfig -> the prefix export writes (default `prefix`).
+      dropped: matches tensors of heads plm_jax does not model (BERT's next-sentence head);
+        they are skipped with a log line naming them.
     """
 
     model_type: str
@@ -143,6 +177,19 @@ class Family:
     config_to_hf: Callable[[ModelConfig], dict[str, Any]]
     mismatches: Callable[[ModelConfig], list[str]]
     rules: Callable[[ModelConfig, str], list[TensorRule]]
+    model_family: str = "decoder"
+    architectures: tuple[str, ...] = ()
+    head_name: str = "lm_head.weight"
+    legacy_names: tuple[tuple[str, str], ...] = ()
+    copies: Callable[[ModelConfig, str], dict[str, str]] = lambda cfg, prefix: {}
+    config_from_tensors: Callable[[ModelConfig, str, Collection[str]], ModelConfig] | None = None
+    export_prefix: Callable[[ModelConfig], str] | None = None
+    dropped: re.Pattern[str] | None = None
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        """Every HF class accepted on import."""
+        return (self.architecture, *self.architectures)
 
 
 _KINDS: dict[type, tuple[type, ...]] = {

@@ -1,10 +1,12 @@
 """Whole checkpoints between Hugging Face directories and plm_jax run directories.
 
-    import_hf(hf_dir, run_dir)   config.json + safetensors + tokenizer.json -> a run directory
-                                 (config.yaml, tokenizer/, checkpoints/0) that `plm_jax.load`,
-                                 `score`, `generate`, `eval` and `pretrain init` read
-    export_hf(run_or_ckpt, dir)  a decoder checkpoint -> config.json + model.safetensors (+ the
-                                 Hugging Face tokenizer files, when the run has them)
+    import_hf(hf_dir, run_dir)   config.json + safetensors + tokenizer.json (or BERT's
+                                 vocab.txt) -> a run directory (config.yaml, tokenizer/,
+                                 checkpoints/0) that `plm_jax.load`, `score`, `generate`,
+                                 `eval` and `pretrain init` read
+    export_hf(run_or_ckpt, dir)  a decoder or encoder checkpoint -> config.json +
+                                 model.safetensors (+ the Hugging Face tokenizer files, when
+                                 the run has them)
 
 The imported checkpoint holds a fresh optimizer state (AdamW moments at zero) beside the
 weights, so a run can continue training from it.
@@ -22,33 +24,39 @@ from flax import nnx
 
 from plm_jax.checkpoint import Checkpointer
 from plm_jax.config import Config, RunConfig, TokenizerConfig, config_to_dict, save_config
-from plm_jax.convert.hf import load_hf_decoder, save_hf_decoder
+from plm_jax.convert.hf import load_hf_model, save_hf_model
 from plm_jax.errors import DataError
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.optimizer import make_optimizer
 from plm_jax.train.state import TrainState
 
-# Files of a Hugging Face tokenizer directory that travel with the weights.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Files of a Hugging Face tokenizer directory that travel with the weights (vocab.txt: BERT's
+# WordPiece vocabulary, which some BERT directories hold instead of a tokenizer.json).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
-    """Converts a Hugging Face GPT-2/LLaMA directory into a plm_jax run directory.
+    """Converts a Hugging Face GPT-2/LLaMA/BERT directory into a plm_jax run directory.
 
     Raises:
-      DataError: missing/corrupt files, no tokenizer.json, or an existing checkpoint in
-        `run_dir` (never overwritten).
+      DataError: missing/corrupt files, neither tokenizer.json nor vocab.txt, or an existing
+        checkpoint in `run_dir` (never overwritten).
       ConfigError: an architecture or option plm_jax does not model.
     """
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if (run_dir / "checkpoints").exists():
         raise DataError(f"{run_dir} already holds checkpoints; choose a new --output directory")
-    if not (hf_dir / "tokenizer.json").is_file():
+    if not any((hf_dir / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
         raise DataError(
-            f"{hf_dir} has no tokenizer.json; save the Hugging Face tokenizer there "
-            "(tokenizer.save_pretrained(dir)) so the converted model can read text"
+            f"{hf_dir} has no tokenizer.json (or BERT vocab.txt); save the Hugging Face "
+            "tokenizer there (tokenizer.save_pretrained(dir)) so the converted model can read text"
         )
-    model = load_hf_decoder(hf_dir)
+    model = load_hf_model(hf_dir)
     tokenizer_dir = run_dir / "tokenizer"
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
@@ -84,11 +92,13 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
 
 
 def export_hf(path: str | Path, out_dir: str | Path) -> Path:
-    """Writes a plm_jax decoder checkpoint as a Hugging Face directory.
+    """Writes a plm_jax decoder or encoder checkpoint as a Hugging Face directory.
+
+    An encoder's config.json gets the tokenizer's padding id as `pad_token_id`.
 
     Raises:
       DataError: `out_dir` already holds a config.json (never overwritten).
-      ConfigError: a model neither GPT-2 nor LLaMA can express.
+      ConfigError: a model neither GPT-2, LLaMA nor BERT can express.
     """
     from plm_jax.api import load
 
@@ -96,7 +106,12 @@ def export_hf(path: str | Path, out_dir: str | Path) -> Path:
     if (out_dir / "config.json").exists():
         raise DataError(f"{out_dir} already holds a config.json; choose a new --output directory")
     lm = load(path)
-    save_hf_decoder(lm.model, out_dir)
+    save_hf_model(lm.model, out_dir)
+    if lm.model.cfg.family == "encoder" and lm.tokenizer.pad_id is not None:
+        # BERT's word embedding keeps the padding row out of training (padding_idx).
+        config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+        config["pad_token_id"] = lm.tokenizer.pad_id
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     source = lm.tokenizer.path.parent
     copied = [n for n in TOKENIZER_FILES if (source / n).is_file() and _is_hf(source / n)]
     for name in copied:
