@@ -103,17 +103,17 @@ def _bucket(length: int, max_len: int) -> int:
     return min(size, max_len)
 
 
-@partial(jax.jit, static_argnums=0)
-def _forward(graphdef, params, tokens, segment_ids, token_types):
+@partial(jax.jit, static_argnums=(0, 1))
+def _forward(graphdef, with_logits, params, tokens, segment_ids, token_types):
     model = nnx.merge(graphdef, params)
     if hasattr(model, "type_embed"):  # an encoder
-        out = model(tokens, segment_ids=segment_ids, token_types=token_types)
+        out = model(tokens, segment_ids=segment_ids, token_types=token_types, lm_logits=with_logits)
         return out.hidden.astype(jnp.float32), out.pooled, out.logits
-    out = model(tokens, segment_ids=segment_ids)
+    out = model(tokens, segment_ids=segment_ids, lm_logits=with_logits)
     return out.hidden.astype(jnp.float32), None, out.logits
 
 
-def _batches(model: nnx.Module, rows, batch_size: int):
+def _batches(model: nnx.Module, rows, batch_size: int, with_logits: bool = False):
     """Yields (row indices, hidden [b, L, D], pooled [b, D] | None, logits [b, L, V] | None)."""
     graphdef, params = nnx.split(model, nnx.Param)
     max_len = model.cfg.max_seq_len
@@ -127,7 +127,7 @@ def _batches(model: nnx.Module, rows, batch_size: int):
         for r, i in enumerate(chunk):
             ids, tt, _ = rows[i]
             tokens[r, : len(ids)], types[r, : len(ids)], segments[r, : len(ids)] = ids, tt, 1
-        hidden, pooled, logits = _forward(graphdef, params, tokens, segments, types)
+        hidden, pooled, logits = _forward(graphdef, with_logits, params, tokens, segments, types)
         yield chunk, hidden, pooled, logits
 
 
@@ -200,7 +200,7 @@ def fill_mask(
         raise ConfigError("the tokenizer has no mask token, so no text can hold one")
     rows = [_encode_masked(tokenizer, text, model.cfg.max_seq_len) for text in texts]
     results: list[list[MaskPrediction]] = [[] for _ in rows]
-    for chunk, _, _, logits in _batches(model, rows, 8):
+    for chunk, _, _, logits in _batches(model, rows, 8, with_logits=True):
         probs = jax.nn.softmax(logits[:, :, : tokenizer.vocab_size], axis=-1)
         probs = np.asarray(probs)
         for r, i in enumerate(chunk):

@@ -116,9 +116,7 @@ class Encoder(Stack):
         mlm, pkw = cfg.use_mlm_head, dict(rngs=rngs, dtype=param_dtype)
         self.mlm_dense = Dense(d, d, **dense_kw) if mlm else None
         self.mlm_norm = NORMS[cfg.norm](cfg, **kw) if mlm else None
-        self.mlm_bias = (
-            make_param(zeros, (v,), ("vocab",), **pkw) if mlm and cfg.use_bias else None
-        )
+        self.mlm_bias = make_param(zeros, (v,), ("vocab",), **pkw) if mlm and cfg.use_bias else None
         self.head = (
             make_param(normal(INIT_STD), (d, v), ("embed", "vocab"), **pkw)
             if mlm and not cfg.tie_embeddings
@@ -136,6 +134,7 @@ class Encoder(Stack):
         token_types: jax.Array | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        lm_logits: bool = True,
     ) -> EncoderOutput:
         """Encodes a batch.
 
@@ -147,6 +146,7 @@ class Encoder(Stack):
           token_types: [B, L] int32 BERT token types (sentence A = 0, B = 1); default zeros.
           deterministic: no dropout when True.
           rngs: dropout randomness for this call (overrides the stored stream).
+          lm_logits: False skips the MLM head (logits None), for task heads.
 
         Returns:
           `EncoderOutput(logits, hidden, pooled)`.
@@ -180,7 +180,7 @@ class Encoder(Stack):
         if self.pooler is not None:
             pooled = jnp.tanh(self.pooler(hidden[:, 0]).astype(jnp.float32)).astype(hidden.dtype)
         logits = None
-        if self.mlm_dense is not None:
+        if self.mlm_dense is not None and lm_logits:
             h = self.mlm_norm(HEAD_ACTIVATIONS[cfg.mlp](self.mlm_dense(hidden)))
             if self.head is None:
                 logits = self.embed.attend(h)

@@ -140,7 +140,7 @@ class LmOutput:
     """logits: [B, L, V] float32; hidden: [B, L, D] after the final norm; cache: the updated
     `KVCache` when one was passed, else None."""
 
-    logits: jax.Array
+    logits: jax.Array | None
     hidden: jax.Array
     cache: KVCache | None = None
 
@@ -314,6 +314,7 @@ class Decoder(Stack):
         deterministic: bool = True,
         cache: KVCache | None = None,
         rngs: nnx.Rngs | None = None,
+        lm_logits: bool = True,
     ) -> LmOutput:
         """Next-token logits for every position.
 
@@ -327,6 +328,7 @@ class Decoder(Stack):
           cache: a `KVCache`; the chunk is written at `cache.index` (prefill: a whole padded
             prompt batch; decode: [B, 1]).
           rngs: dropout randomness for this call (overrides the stored stream).
+          lm_logits: False skips the output head (logits None), for task heads on `hidden`.
 
         Returns:
           `LmOutput(logits [B, L, V] float32, hidden [B, L, D], cache)`.
@@ -351,12 +353,13 @@ class Decoder(Stack):
         x, kv = self._run_blocks(x, mask=mask, rope=rope, keys=layer_keys, kv=kv, index=index)
 
         hidden = self.final_norm(x)
-        if self.head is None:
-            logits = self.embed.attend(hidden)
-        else:
+        logits = None
+        if lm_logits and self.head is None:
+            logits = constrain(self.embed.attend(hidden), LOGIT_AXES)
+        elif lm_logits:
             w = self.head[...].astype(hidden.dtype)
             logits = jnp.einsum("BLD,DV->BLV", hidden, w, preferred_element_type=jnp.float32)
-        logits = constrain(logits, LOGIT_AXES)
+            logits = constrain(logits, LOGIT_AXES)
         if cache is not None:
             real_next = jnp.where(segment_ids != 0, positions + 1, 0).max(axis=1)
             cache = KVCache(
