@@ -15,7 +15,7 @@ Differences from the SentencePiece `Tokenizer`:
 
 - `encode` never adds the post-processor's special tokens (`add_special_tokens=False`): no
   `<|begin_of_text|>` for LLaMA 3 and no [CLS]/[SEP] for BERT. `encode_pair` adds them, as
-  `tokenizer(text, text_pair)` in transformers does.
+  `tokenizer(text, text_pair)` in transformers does; `frame_pair` adds them to token ids.
 - Literal special-token strings in text (e.g. "<|endoftext|>") are matched as those tokens, as
   Hugging Face does; `decode` then drops them, so such text does not round-trip.
 - Round trip: byte-level BPE is lossless, `decode(encode(text)) == text` for any valid Unicode
@@ -218,6 +218,104 @@ class HfTokenizer:
                 _check_unicode(t)
             raise
         return encoding.ids, encoding.type_ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and, per token, the [start, end) character span it covers in `text`.
+
+        The spans are the `tokenizers` Encoding's offsets (character indices into `text`, so
+        `text[start:end]` is the token's text, before lowercasing or accent stripping), with
+        one change: leading whitespace is left out of a token's span ("\u0120the" in "a the"
+        spans "the"), unless the token is whitespace only. The tokens of one character split
+        into several byte-level pieces (the four of "\U0001f642") all span that character.
+
+        Args:
+          text: the string to encode.
+
+        Returns:
+          (ids, spans): `ids == encode(text)`; `spans[i]` is token i's (start, end).
+
+        Raises:
+          DataError: `text` holds lone surrogates (it is not valid Unicode).
+        """
+        try:
+            encoding = self._tok.encode(text, add_special_tokens=False)
+        except TypeError:  # how tokenizers reports a str it cannot convert to UTF-8
+            _check_unicode(text)
+            raise
+        spans = []
+        for start, end in encoding.offsets:
+            trimmed = start
+            while trimmed < end and text[trimmed].isspace():
+                trimmed += 1
+            spans.append((trimmed if trimmed < end else start, end))
+        return encoding.ids, spans
+
+    def frame_pair(
+        self, ids_a: Sequence[int], ids_b: Sequence[int]
+    ) -> tuple[list[int], list[int], int]:
+        """Frames two token sequences as `encode_pair` frames two texts.
+
+        `frame_pair(encode(a), encode(b))[:2] == encode_pair(a, b)`: "[CLS] A [SEP] B [SEP]"
+        for BERT, "A B" for a tokenizer.json without a post-processor. Use it when A or B was
+        cut or windowed after tokenizing (question answering). The post-processor's layout is
+        read once, from the encoding of a probe pair.
+
+        Args:
+          ids_a: the first segment's ids, without special tokens.
+          ids_b: the second segment's ids, without special tokens.
+
+        Returns:
+          (ids, token_type_ids, b_start): type ids as the post-processor assigns them;
+          `ids[b_start : b_start + len(ids_b)] == ids_b`.
+
+        Raises:
+          DataError: the post-processor's layout cannot be read: no probe text gives a token,
+            or the layout is not "specials, A, specials, B, specials".
+        """
+        ids: list[int] = []
+        type_ids: list[int] = []
+        b_start = 0
+        for segment, token_id, type_id in self._pair_layout:
+            if segment is None:
+                ids.append(token_id)
+                type_ids.append(type_id)
+                continue
+            part = ids_a if segment == 0 else ids_b
+            if segment == 1:
+                b_start = len(ids)
+            ids.extend(part)
+            type_ids.extend([type_id] * len(part))
+        return ids, type_ids, b_start
+
+    @functools.cached_property
+    def _pair_layout(self) -> list[tuple[int | None, int, int]]:
+        """The post-processor's pair layout: (segment, id, type id) per special token, and
+        (0 or 1, -1, type id) where segment A or B goes."""
+        for probe in ("a", "x", "0", ".", "the", " "):
+            encoding = self._tok.encode(probe, probe, add_special_tokens=True)
+            if encoding.sequence_ids.count(0) and encoding.sequence_ids.count(1):
+                break
+        else:  # no probe gives a token: a vocabulary without letters, digits or "."
+            raise DataError(
+                f"cannot find how {str(self.path)!r} frames a text pair: none of the probe "
+                "texts 'a', 'x', '0', '.', 'the', ' ' encodes to a token. Use a tokenizer whose "
+                "vocabulary covers ASCII letters"
+            )
+        layout: list[tuple[int | None, int, int]] = []
+        for token_id, segment, type_id in zip(
+            encoding.ids, encoding.sequence_ids, encoding.type_ids, strict=True
+        ):
+            if segment is None:
+                layout.append((None, token_id, type_id))
+            elif not layout or layout[-1][0] != segment:
+                layout.append((segment, -1, type_id))
+        segments = [segment for segment, _, _ in layout if segment is not None]
+        if segments != [0, 1]:  # e.g. a template that repeats $A; never seen in the wild
+            raise DataError(
+                f"the post-processor of {str(self.path)!r} lays out a pair as segments "
+                f"{segments}, not A then B once each; frame_pair cannot window such a tokenizer"
+            )
+        return layout
 
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:

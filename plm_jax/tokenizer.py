@@ -4,7 +4,8 @@ Holds `train_tokenizer` (BPE or unigram, streamed, written atomically to a direc
 `Tokenizer` (the loaded model with its special ids and a content fingerprint for data caches).
 It leaves out reading corpora from files and caching token ids (`plm_jax.data`), and Hugging Face
 tokenizers (`plm_jax.hf_tokenizer`). `encode` adds no bos/eos; `encode_pair` builds a model's
-input with them.
+input with them. For span tasks (question answering), `encode_with_offsets` also gives each
+token's character span and `frame_pair` frames already-tokenized segments as `encode_pair` does.
 
 Round trip. `decode(encode(text)) == text` for every Python string that is valid Unicode, when the
 model was trained with `byte_fallback=True` (the default). The trainer settings below make that
@@ -320,6 +321,68 @@ class Tokenizer:
             type_ids += [1] * len(second)
         return ids, type_ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and, per token, the [start, end) character span it covers in `text`.
+
+        Spans index the Python string (code points), so `text[start:end]` is the token's text.
+        SentencePiece reports byte offsets into the input; they are turned into character
+        offsets here. Two rules keep spans useful for answer extraction:
+
+        - A piece's leading space is left out of its span: "\u2581the" in "a the" spans "the".
+          A piece of spaces only ("\u2581\u2581") keeps its spaces.
+        - The byte pieces of one character outside the vocabulary (the four of "\U0001f642")
+          all span that character.
+
+        Spans follow the text's order and never overlap, except that byte pieces of one
+        character share its span.
+
+        Args:
+          text: the string to encode.
+
+        Returns:
+          (ids, spans): `ids == encode(text)`; `spans[i]` is token i's (start, end).
+
+        Raises:
+          DataError: `text` holds lone surrogates (it is not valid Unicode).
+        """
+        _check_unicode(text)
+        if _SPACE_SYMBOL not in text or self._space_symbol_ids is None:
+            return self._piece_offsets(text, 0)
+        # A literal "\u2581" is encoded as its byte pieces (see `encode`); each part between
+        # two of them is encoded on its own, as `_encode_space_symbols` does.
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        shift = 0
+        for j, part in enumerate(text.split(_SPACE_SYMBOL)):
+            if j:
+                ids.extend(self._space_symbol_ids)
+                spans.extend([(shift - 1, shift)] * len(self._space_symbol_ids))
+            part_ids, part_spans = self._piece_offsets(part, shift)
+            ids.extend(part_ids)
+            spans.extend(part_spans)
+            shift += len(part) + 1
+        return ids, spans
+
+    def frame_pair(
+        self, ids_a: Sequence[int], ids_b: Sequence[int]
+    ) -> tuple[list[int], list[int], int]:
+        """Frames two token sequences as `encode_pair` frames two texts: `[bos] A [eos] B [eos]`.
+
+        `frame_pair(encode(a), encode(b))[:2] == encode_pair(a, b)`; use it when A or B was
+        cut or windowed after tokenizing (question answering).
+
+        Args:
+          ids_a: the first segment's ids, without special tokens.
+          ids_b: the second segment's ids, without special tokens.
+
+        Returns:
+          (ids, token_type_ids, b_start): type ids are 0 on `[bos] A [eos]` and 1 on
+          `B [eos]`; `ids[b_start : b_start + len(ids_b)] == ids_b`.
+        """
+        ids = [self.bos_id, *ids_a, self.eos_id, *ids_b, self.eos_id]
+        b_start = len(ids_a) + 2
+        return ids, [0] * b_start + [1] * (len(ids_b) + 1), b_start
+
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:
         """Every special id: the control and unknown pieces, and pad/unk/bos/eos/mask.
@@ -395,6 +458,34 @@ class Tokenizer:
                 ids.extend(self._space_symbol_ids)
             ids.extend(self._sp.encode(part))
         return ids
+
+    def _piece_offsets(self, text: str, shift: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character spans (plus `shift`) of `text`, which holds no literal "\u2581"."""
+        from sentencepiece import sentencepiece_pb2  # needs protobuf; only offsets use it
+
+        spt = sentencepiece_pb2.SentencePieceText()
+        # The serialized proto works from sentencepiece 0.2.0 on; 0.2.3 dropped immutable_proto.
+        spt.ParseFromString(self._sp.encode(text, out_type="serialized_proto"))
+        # char_of[b]: the index of the character that holds UTF-8 byte b; len(text) at the end.
+        char_of = [i for i, c in enumerate(text) for _ in range(len(c.encode("utf-8")))]
+        char_of.append(len(text))
+        ids, spans = [], []
+        for piece in spt.pieces:
+            start = char_of[piece.begin]
+            if self._sp.is_byte(piece.id):
+                # Only the last byte piece of a character carries its surface; the others are
+                # empty at its first byte. All of them get the whole character.
+                end = start + 1
+            else:
+                end = char_of[piece.end]
+                if piece.piece.startswith(_SPACE_SYMBOL):
+                    trimmed = start
+                    while trimmed < end and text[trimmed].isspace():
+                        trimmed += 1
+                    start = trimmed if trimmed < end else start  # spaces only: keep them
+            ids.append(piece.id)
+            spans.append((start + shift, end + shift))
+        return ids, spans
 
     def _check_ids(self, ids: list[int]) -> None:
         if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:

@@ -655,3 +655,93 @@ def test_corrupt_config(bpe_json, tmp_path, content):
     (tmp_path / "special_tokens_map.json").write_text(content)
     with pytest.raises(DataError, match="special_tokens_map.json"):
         HfTokenizer.load(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Character offsets and pair framing (question answering).
+
+
+def check_hf_offsets(tok, text):
+    """encode_with_offsets(text) gives encode's ids, and ordered spans without leading spaces."""
+    ids, spans = tok.encode_with_offsets(text)
+    assert ids == tok.encode(text) and len(spans) == len(ids)
+    last_start = 0
+    for start, end in spans:
+        assert last_start <= start < end <= len(text)
+        assert not text[start].isspace() or text[start:end].isspace()
+        last_start = start
+    return ids, spans
+
+
+def test_encode_with_offsets_byte_level(bpe):
+    for text in TEXTS + [f"a{EOT}b", "x  the\n\tend "]:
+        ids, spans = check_hf_offsets(bpe, text)
+        for i, (start, end) in zip(ids, spans, strict=True):
+            piece = bpe.decode([i])
+            if i != 0 and "\ufffd" not in piece:  # a whole character (not <|endoftext|>)
+                assert text[start:end] == (piece.lstrip() or piece), (text, piece)
+    # The four byte-level pieces of an emoji all span it; "Ġworld" spans "world".
+    ids, spans = check_hf_offsets(bpe, "a 🙂")
+    assert spans[-1] == (2, 3) and spans.count((2, 3)) == len(ids) - 2
+    ids, spans = bpe.encode_with_offsets("Hello the fox")
+    pieces = [bpe.id_to_piece(i) for i in ids]
+    assert pieces[-3:] == ["Ġthe", "Ġf", "ox"]
+    assert spans[-3:] == [(6, 9), (10, 11), (11, 13)]  # without their spaces
+    with pytest.raises(DataError, match="not valid Unicode"):
+        bpe.encode_with_offsets("bad \ud800")
+
+
+def test_encode_with_offsets_wordpiece_hand_computed(tmp_path):
+    tok = HfTokenizer.load(write_wordpiece_dir(tmp_path, WORDPIECE_VOCAB))
+    text = "Hello, world! The QUICK fox running"
+    ids, spans = check_hf_offsets(tok, text)
+    pieces = ["hello", ",", "world", "!", "the", "quick", "fox", "run", "##ning"]
+    assert [tok.id_to_piece(i) for i in ids] == pieces
+    assert spans == [(0, 5), (5, 6), (7, 12), (12, 13), (14, 17), (18, 23), (24, 27)] + [
+        (28, 31),
+        (31, 35),
+    ]
+    # Spans index the original text, before lowercasing and accent stripping.
+    assert check_hf_offsets(tok, "  Café") == ([tok.piece_to_id("cafe")], [(2, 6)])
+    for text in WORDPIECE_TEXTS:
+        check_hf_offsets(tok, text)
+
+
+def _llama3_style(bpe_json: Path, out: Path) -> HfTokenizer:
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import processors
+
+    backend = RustTokenizer.from_file(str(bpe_json))
+    backend.add_special_tokens(["<|begin_of_text|>"])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A $B:1",
+        special_tokens=[("<|begin_of_text|>", V)],
+    )
+    out.mkdir()
+    backend.save(str(out / "tokenizer.json"))
+    return HfTokenizer.load(out)
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "wordpiece", "bert", "llama3"])
+def test_frame_pair_equals_encode_pair(kind, bpe_json, tmp_path):
+    if kind == "byte_level":  # no post-processor: "A B", type ids 0 then 1
+        tok = HfTokenizer.load(bpe_json)
+    elif kind == "wordpiece":
+        tok = HfTokenizer.load(write_wordpiece_dir(tmp_path, WORDPIECE_VOCAB))
+    elif kind == "bert":
+        tok = HfTokenizer.load(minilm_dir())
+    else:
+        tok = _llama3_style(bpe_json, tmp_path / "llama3")
+    for a, b in [*PAIRS, (TEXTS[0], TEXTS[1]), ("", ""), (f"a{EOT}", "[SEP] b")]:
+        ids_a, ids_b = tok.encode(a), tok.encode(b)
+        ids, type_ids, b_start = tok.frame_pair(ids_a, ids_b)
+        assert (ids, type_ids) == tok.encode_pair(a, b), (a, b)
+        assert ids[b_start : b_start + len(ids_b)] == ids_b
+    expected_layout = {
+        "byte_level": ([7, 8, 9], [0, 1, 1], 1),
+        "wordpiece": ([2, 7, 3, 8, 9, 3], [0, 0, 0, 1, 1, 1], 3),
+        "bert": ([101, 7, 102, 8, 9, 102], [0, 0, 0, 1, 1, 1], 3),
+        "llama3": ([V, 7, 8, 9], [0, 0, 1, 1], 2),
+    }
+    assert tok.frame_pair([7], [8, 9]) == expected_layout[kind]

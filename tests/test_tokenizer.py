@@ -338,6 +338,76 @@ def test_word_starts(small_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
+# Character offsets and pair framing (question answering).
+
+
+def check_offsets(tok, text):
+    """encode_with_offsets(text) gives encode's ids, and spans that read back the pieces."""
+    ids, spans = tok.encode_with_offsets(text)
+    assert ids == tok.encode(text) and len(spans) == len(ids)
+    covered = [False] * len(text)
+    char_bytes: dict[int, bytes] = {}
+    last_end = 0
+    for i, (start, end) in zip(ids, spans, strict=True):
+        piece = tok.id_to_piece(i)
+        assert 0 <= start < end <= len(text)
+        if tok._sp.is_byte(i):  # one byte of the character text[start]
+            assert end == start + 1
+            assert start >= last_end or (start, end) == (last_end - 1, last_end)
+            char_bytes[start] = char_bytes.get(start, b"") + bytes([int(piece[3:5], 16)])
+        else:
+            surface = piece.replace(SPACE_SYMBOL, " ")
+            assert start >= last_end
+            assert text[start:end] == (surface.lstrip(" ") or surface)  # no leading space
+        covered[start:end] = [True] * (end - start)
+        last_end = end
+    assert all(text[c].encode() == b for c, b in char_bytes.items())
+    assert all(covered[c] or text[c] == " " for c in range(len(text)))  # spaces of "▁word"
+    return ids, spans
+
+
+@pytest.mark.parametrize("text", TRICKY + ["Hello  world, café 🙂 日本\n  x", "a\u2581b \u2581 c"])
+def test_encode_with_offsets_tricky_strings(tok, text):
+    check_offsets(tok, text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=texts)
+def test_encode_with_offsets_any_text(tok, text):
+    check_offsets(tok, text)
+
+
+def test_encode_with_offsets_hand_computed(small_tokenizer):
+    tok = small_tokenizer
+    # " 🙂" is the piece "▁" and the emoji's four UTF-8 byte pieces, which all span the emoji.
+    ids, spans = check_offsets(tok, "a 🙂")
+    assert [tok.id_to_piece(i) for i in ids] == ["a", "▁", "<0xF0>", "<0x9F>", "<0x99>", "<0x82>"]
+    assert spans == [(0, 1), (1, 2)] + [(2, 3)] * 4
+    # A literal "▁" is its three byte pieces (see encode), spanning that one character.
+    ids, spans = check_offsets(tok, "a\u2581b")
+    assert spans[1:4] == [(1, 2)] * 3 and spans[-1] == (2, 3)
+    text = "return the value."
+    ids, spans = check_offsets(tok, text)
+    the = next(k for k, i in enumerate(ids) if tok.id_to_piece(i) == "▁the")
+    assert spans[the] == (7, 10)  # "the", not " the"
+    assert tok.encode_with_offsets("") == ([], [])
+    with pytest.raises(DataError, match="not valid Unicode"):
+        tok.encode_with_offsets("bad \ud800")
+
+
+@pytest.mark.parametrize(
+    "a, b", [("Return the value.", " of x"), ("", ""), ("", "x"), ("a\u2581b", "日本 \n")]
+)
+def test_frame_pair_equals_encode_pair(small_tokenizer, a, b):
+    tok = small_tokenizer
+    ids_a = tok.encode(a)
+    ids, type_ids, b_start = tok.frame_pair(ids_a, tok.encode(b))
+    assert (ids, type_ids) == tok.encode_pair(a, b)
+    assert b_start == len(ids_a) + 2 and ids[b_start:-1] == tok.encode(b)
+    assert tok.frame_pair([7], []) == ([2, 7, 3, 3], [0, 0, 0, 1], 3)
+
+
+# ---------------------------------------------------------------------------------------------
 # Training input: line splitting, chunking, the byte budget, progress output.
 
 
