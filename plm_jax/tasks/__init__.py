@@ -1,0 +1,1 @@
+"""Fine-tuning tasks: task data readers, batching and metrics (heads and loops live elsewhere)."""
