@@ -34,16 +34,27 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     """Saves and restores the checkpoints of one run directory."""
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: CheckpointConfig,
+        *,
+        read_only: bool = False,
+        best_metric: str = "eval/loss",
+        higher_is_better: bool = False,
+    ):
+        """`keep_best` keeps, besides the newest `keep`, the checkpoint with the best
+        `best_metric` among those saved with metrics (lowest, or highest when
+        `higher_is_better`, e.g. a fine-tuning accuracy)."""
         self.directory = Path(run_dir).absolute() / "checkpoints"
         policy = None
-        if cfg.keep_best and not read_only:  # newest `keep` plus the lowest eval loss
+        if cfg.keep_best and not read_only:  # newest `keep` plus the best by the metric
             policy = ocp.checkpoint_managers.AnyPreservationPolicy(
                 [
                     ocp.checkpoint_managers.preservation_policy.LatestN(n=cfg.keep),
                     ocp.checkpoint_managers.preservation_policy.BestN(
-                        get_metric_fn=lambda m: m["eval/loss"],
-                        reverse=True,
+                        get_metric_fn=lambda m: m[best_metric],
+                        reverse=not higher_is_better,
                         n=1,
                         keep_checkpoints_without_metrics=False,
                     ),

@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_command(
         "finetune",
-        "fine-tune on a task (classification, QA, translation)",
-        not_yet("finetune", 5, "fine-tuning"),
+        "fine-tune a pretrained model on a task (classification, regression, QA); resumes",
+        cmd_finetune,
     )
 
     def checkpoint_command(name: str, help_text: str, handler: Callable, *extra):
@@ -192,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     checkpoint_command(
         "predict",
-        "task predictions for a JSONL file",
-        not_yet("predict", 5, "prediction"),
+        "task predictions (labels with probabilities, values, answers) for a JSONL file",
+        cmd_predict,
         ("--input", dict(required=True, metavar="FILE.jsonl")),
+        ("--output", dict(metavar="FILE.jsonl", help="default: print JSON lines")),
     )
 
     conv = sub.add_parser("convert", help="move weights to or from Hugging Face format")
@@ -204,17 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--output", required=True, metavar="DIR")
     conv.set_defaults(handler=cmd_convert)
     return parser
-
-
-def not_yet(command: str, issue: int, what: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        if getattr(args, "config", None) is not None or getattr(args, "overrides", None):
-            _load(args)  # config mistakes are still reported as such
-        raise NotYetAvailable(
-            f"'plm-jax {command}' is not available yet: {what} lands with issue #{issue}"
-        )
-
-    return handler
 
 
 def _load(args: argparse.Namespace):
@@ -316,9 +306,100 @@ def _print_sample(cfg) -> None:
     print(f"sample (temperature 0.8, top-k 40): {sample.prompt}{sample.text}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from plm_jax.config import config_to_dict
+    from plm_jax.tasks.finetune import finetune
+
+    cfg = _load(args)
+    log.info("resolved config:\n%s", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    final = finetune(cfg)
+    if final.get("complete"):
+        print(f"run {cfg.run_dir} is already complete at step {final['step']}")
+    shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("train/", "eval/"))}
+    if shown:
+        print(f"run {cfg.run_dir}: step {final['step']}: {shown}")
+    if "best" in final:
+        print(f"best eval metric: {final['best']:.4f} (checkpoint in {cfg.run_dir}/best.json)")
+    if "padding_fraction" in final:
+        print(
+            f"padding {100 * final['padding_fraction']:.1f}% of tokens, "
+            f"{final['compiled_shapes']} batch shapes"
+        )
+    return 0
+
+
+def _read_records(path: Path) -> list[dict]:
+    from plm_jax.errors import DataError
+
+    if not path.is_file():
+        raise DataError(f"--input {str(path)!r} does not exist; give a JSONL file")
+    records = []
+    with path.open(encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise DataError(f"--input {str(path)!r} is not UTF-8 text ({e.reason})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise DataError(f"{path}:{n} is not valid JSON; one object per line") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n} is not a JSON object")
+        records.append(record)
+    if not records:
+        raise DataError(f"--input {str(path)!r} holds no records")
+    return records
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from plm_jax.tasks.predict import load_task_run, predict_records
+
+    records = _read_records(Path(args.input))
+    results = predict_records(load_task_run(args.checkpoint), records)
+    lines = "".join(json.dumps(r) + "\n" for r in results)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(lines)
+        print(f"wrote {out}: {len(results)} predictions")
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def _is_task_run(path: str) -> bool:
+    from plm_jax.checkpoint import locate_checkpoint
+    from plm_jax.tasks.finetune import BEST_FILE, LABELS_FILE
+
+    run_dir, _ = locate_checkpoint(path)
+    config = run_dir / "config.yaml"
+    if (run_dir / BEST_FILE).is_file() or (run_dir / LABELS_FILE).is_file():
+        return True
+    try:
+        return bool((yaml.safe_load(config.read_text()) or {}).get("task", {}).get("name"))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import plm_jax
 
+    if _is_task_run(args.checkpoint):
+        from plm_jax.tasks.predict import evaluate_task, load_task_run
+
+        run = load_task_run(args.checkpoint)
+        result = evaluate_task(run, args.data)
+        if args.json:
+            print(json.dumps({**result, "step": run.step}))
+        else:
+            shown = ", ".join(
+                f"{k[5:]} {v:.4f}" for k, v in result.items() if k.startswith("eval/")
+            )
+            print(f"step {run.step}: {shown} over {result['examples']} examples")
+        return 0
     result = plm_jax.load(args.checkpoint).evaluate(args.data, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result))

@@ -247,9 +247,26 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: Literal["", "classification", "qa", "translation"] = ""
+    """Fine-tuning (`plm-jax finetune`): the task, its files and its evaluation."""
+
+    name: Literal["", "classification", "regression", "qa", "translation"] = ""
     train_file: str = ""
-    eval_file: str = ""
+    eval_file: str = ""  # "" holds out `holdout_fraction` of train_file instead
+    holdout_fraction: float = 0.1
+    text_field: str = "text"
+    pair_field: str = "text_pair"
+    label_field: str = "label"
+    pooling: Literal["auto", "pooler", "cls", "mean", "last"] = "auto"
+    epochs: int = 0  # > 0: train this many epochs (train.steps is then derived)
+    metric: str = ""  # model selection; "": accuracy, pearson or f1 by task
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    layer_lr_decay: float = 1.0  # < 1: layer i of L gets lr * decay^(L - i), embeddings ^(L+1)
+    max_query_len: int = 64  # QA: question tokens kept
+    doc_stride: int = 128  # QA: context tokens shared by consecutive windows
+    n_best: int = 20
+    max_answer_len: int = 30  # QA: answer tokens at most
+    null_threshold: float = 0.0  # QA v2: predict no answer when null score - best > this
+    version_2: bool = False  # QA: SQuAD v2 (unanswerable questions)
 
 
 @dataclass(frozen=True)
@@ -595,6 +612,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.type_vocab_size={m.type_vocab_size} must be >= 0")
     if m.rope_scaling and m.position != "rope":
         raise ConfigError("model.rope_scaling needs model.position=rope")
+    task = cfg.task
+    if not 0.0 <= task.holdout_fraction < 1.0:
+        raise ConfigError(f"task.holdout_fraction={task.holdout_fraction} must be in [0, 1)")
+    if task.epochs < 0 or task.patience < 0:
+        raise ConfigError("task.epochs and task.patience must be >= 0")
+    if not 0.0 < task.layer_lr_decay <= 1.0:
+        raise ConfigError(f"task.layer_lr_decay={task.layer_lr_decay} must be in (0, 1]")
+    if min(task.max_query_len, task.doc_stride, task.n_best, task.max_answer_len) <= 0:
+        raise ConfigError(
+            "task.max_query_len, task.doc_stride, task.n_best and task.max_answer_len must be "
+            "positive"
+        )
     if not 0.0 < d.mask_prob < 1.0:
         raise ConfigError(f"data.mask_prob={d.mask_prob} must be in (0, 1); BERT uses 0.15")
     if not 0.0 <= d.eval_fraction < 1.0:

@@ -39,8 +39,43 @@ def decay_mask(params):
     )
 
 
-def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW with the schedule and the decay mask."""
+def scale_by_tree(factors) -> optax.GradientTransformation:
+    """Multiplies each update by its factor (a tree like the params of floats or arrays that
+    broadcast against them): per-parameter learning-rate multipliers."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, f: u * f, updates, factors), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def layerwise_lr_factors(params, num_layers: int, decay: float, scanned: bool):
+    """Layer-wise learning-rate decay (Clark et al. 2020, ELECTRA) for a task model's params.
+
+    Block i of L gets `decay^(L - i)`, the backbone's embeddings `decay^(L + 1)`, everything
+    else (final norms, pooler, the task head) 1. Scanned blocks get a [L, 1, ...] array.
+    """
+    import numpy as np
+
+    def factor(path, leaf):
+        names = [str(e.key) for e in path if isinstance(e, jax.tree_util.DictKey)]
+        if "blocks" in names:
+            if scanned:
+                powers = num_layers - np.arange(num_layers, dtype=np.float32)
+                return (decay**powers).reshape((num_layers,) + (1,) * (leaf.ndim - 1))
+            i = int(names[names.index("blocks") + 1])
+            return float(decay ** (num_layers - i))
+        if any(n in names for n in ("embed", "pos_embed", "type_embed", "embed_norm")):
+            return float(decay ** (num_layers + 1))
+        return 1.0
+
+    return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def make_optimizer(train: TrainConfig, lr_factors=None) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW with the schedule and the decay mask; `lr_factors` (a
+    tree from `layerwise_lr_factors`) scales each parameter's update."""
     parts = []
     if train.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(train.grad_clip))
@@ -53,4 +88,6 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
             mask=decay_mask,
         )
     )
+    if lr_factors is not None:
+        parts.append(scale_by_tree(lr_factors))
     return optax.chain(*parts)

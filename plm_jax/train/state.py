@@ -10,7 +10,7 @@ maps them to the mesh, and the optimizer state inherits each parameter's shardin
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -36,16 +36,25 @@ class TrainState:
     rng: jax.Array
 
 
-def model_graphdef(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+# What a train state is built from: a model config (its `build_model`), or a function from
+# `nnx.Rngs` to a module (task models: a backbone plus a head).
+ModelSpec = ModelConfig | Callable[[nnx.Rngs], nnx.Module]
+
+
+def _build(spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
+    return spec(rngs) if callable(spec) else build_model(spec, rngs=rngs)
+
+
+def model_graphdef(model_cfg: ModelSpec) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's static structure and its abstract parameters (no memory allocated)."""
-    abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(params=0)))
+    abstract = nnx.eval_shape(lambda: _build(model_cfg, nnx.Rngs(params=0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
     return graphdef, params
 
 
-def _init(key: jax.Array, model_cfg: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
+def _init(key: jax.Array, model_cfg: ModelSpec, tx: optax.GradientTransformation) -> TrainState:
     init_key, rng = jax.random.split(key)
-    model = build_model(model_cfg, rngs=nnx.Rngs(params=init_key))
+    model = _build(model_cfg, nnx.Rngs(params=init_key))
     params = nnx.state(model, nnx.Param)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -56,14 +65,14 @@ def _init(key: jax.Array, model_cfg: ModelConfig, tx: optax.GradientTransformati
 
 
 def abstract_train_state(
-    model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int = 0
+    model_cfg: ModelSpec, tx: optax.GradientTransformation, seed: int = 0
 ) -> TrainState:
     """Shapes and dtypes of the train state, computed without allocating it."""
     return jax.eval_shape(lambda: _init(jax.random.key(seed), model_cfg, tx))
 
 
 def sharded_abstract_state(
-    model_cfg: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState
+    model_cfg: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState
 ) -> TrainState:
     """`ShapeDtypeStruct`s carrying `shardings`: the target a checkpoint is restored into."""
     return jax.tree.map(
@@ -74,7 +83,7 @@ def sharded_abstract_state(
 
 
 def state_shardings(
-    model_cfg: ModelConfig,
+    model_cfg: ModelSpec,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rules: Mapping[str, Any] | None = None,
@@ -102,7 +111,7 @@ def state_shardings(
 
 
 def init_train_state(
-    model_cfg: ModelConfig,
+    model_cfg: ModelSpec,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     seed: int,

@@ -53,7 +53,7 @@ def _forward_loss(params, graphdef, batch: Batch, key: jax.Array | None) -> jax.
     return next_token_loss(out.logits, batch["targets"], batch["weights"])
 
 
-def _split_micro(batch: Batch, grad_accum: int) -> Batch:
+def split_micro(batch: Batch, grad_accum: int) -> Batch:
     """[B, ...] -> [A, B/A, ...], micro-batch a = rows a, a+A, a+2A, ...
 
     Strided rows keep each micro-batch spread over every batch-sharded device (contiguous
@@ -88,7 +88,7 @@ def train_step(
         return jax.tree.map(jnp.add, grads, g), loss
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    micro = (_split_micro(batch, grad_accum), jnp.arange(grad_accum))
+    micro = (split_micro(batch, grad_accum), jnp.arange(grad_accum))
     grads, losses = jax.lax.scan(micro_grad, zeros, micro)
     grads = jax.tree.map(lambda g: g / total, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
