@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from plm_jax.checkpoint import Checkpointer, locate_checkpoint
+from plm_jax.checkpoint import Checkpointer
 from plm_jax.config import Config, config_to_dict, save_config, validate_for_devices
 from plm_jax.errors import ConfigError, NotYetAvailable, TrainingError
 from plm_jax.metrics import MetricsWriter, ProgressBar, truncate_metrics
@@ -42,7 +42,7 @@ from plm_jax.tasks.batching import BucketBatcher, bucket_lengths
 from plm_jax.tasks.data import TaskData, load_task_data
 from plm_jax.tasks.model import TaskModel
 from plm_jax.tokenizer import Tokenizer
-from plm_jax.train.loop import resolve_init_from, resolve_vocab
+from plm_jax.train.loop import load_init_params, resolve_init_from, resolve_vocab
 from plm_jax.train.optimizer import layerwise_lr_factors, lr_schedule, make_optimizer
 from plm_jax.train.state import (
     TrainState,
@@ -289,21 +289,8 @@ def setup(cfg: Config, *, show_progress: bool = True) -> FineTuner:
 
 def _load_backbone(cfg: Config, state: TrainState, shardings: TrainState) -> TrainState:
     """`state` with the backbone parameters of the `init_from` checkpoint."""
-    source_dir, step = locate_checkpoint(cfg.init_from)
-    reader = Checkpointer(source_dir, cfg.checkpoint, read_only=True)
-    try:
-        step = reader.latest_step() if step is None else step
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            state.params["backbone"],
-            shardings.params["backbone"],
-        )
-        backbone = reader.restore_params(step, abstract)
-    finally:
-        reader.close()
     params = state.params
-    params["backbone"] = backbone
-    log.info("backbone from %s (step %d)", source_dir / "checkpoints" / str(step), step)
+    params["backbone"] = load_init_params(cfg, params["backbone"], shardings.params["backbone"])
     return dataclasses.replace(state, params=params)
 
 

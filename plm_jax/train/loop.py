@@ -134,22 +134,21 @@ def resolve_init_from(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)
 
 
-def _init_from_params(cfg: Config, state: TrainState, shardings: TrainState) -> TrainState:
-    """`state` (freshly initialised) with the parameters of the `init_from` checkpoint."""
+def load_init_params(cfg: Config, params: Any, shardings: Any) -> Any:
+    """The parameters of the `init_from` checkpoint, restored into the shapes, dtypes and
+    shardings of `params` / `shardings` (a whole model's, or a task model's backbone)."""
     source_dir, step = locate_checkpoint(cfg.init_from)
     checkpointer = Checkpointer(source_dir, cfg.checkpoint, read_only=True)
     try:
         step = checkpointer.latest_step() if step is None else step
         abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            state.params,
-            shardings.params,
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings
         )
-        params = checkpointer.restore_params(step, abstract)
+        restored = checkpointer.restore_params(step, abstract)
     finally:
         checkpointer.close()
     log.info("initialised from %s (step %d)", source_dir / "checkpoints" / str(step), step)
-    return dataclasses.replace(state, params=params)
+    return restored
 
 
 def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
@@ -175,7 +174,8 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
         if latest is None:
             state, _ = init_train_state(model_cfg, tx, mesh, cfg.run.seed, cfg.mesh.rules)
             if cfg.init_from:
-                state = _init_from_params(cfg, state, shardings)
+                params = load_init_params(cfg, state.params, shardings.params)
+                state = dataclasses.replace(state, params=params)
         else:
             abstract = sharded_abstract_state(model_cfg, tx, shardings)
             state, data_state, _ = checkpointer.restore(latest, abstract)
