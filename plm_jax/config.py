@@ -191,6 +191,9 @@ class DataConfig:
     prefetch: int = 4
 
 
+MAX_SPIKE_WINDOW = 1024  # the loss history kept in the train state (train.spike_window <= it)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 600
@@ -207,6 +210,16 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
+    # A step whose loss or gradient norm is NaN/Inf: "abort" stops the run before anything
+    # non-finite is saved (naming the step and batch); "skip" leaves params and optimizer
+    # state unchanged and goes on with the next batch.
+    nonfinite: Literal["abort", "skip"] = "abort"
+    max_skipped: int = 10  # consecutive skipped steps (non-finite or spikes) before aborting
+    # Loss-spike skipping: a step whose loss exceeds mean + spike_zscore * std of the previous
+    # `spike_window` losses (once the window is full) is skipped; 0 disables. The window lives
+    # in the train state, so it survives resume.
+    spike_window: int = 0
+    spike_zscore: float = 6.0
 
 
 # Logical axis -> mesh axes. Weights use embed/mlp/heads/...; activations use act_*; FSDP shards
@@ -243,6 +256,7 @@ class CheckpointConfig:
     keep: int = 3  # the newest `keep` checkpoints stay
     keep_best: bool = False  # also keep the one with the lowest eval/loss (saved at eval steps)
     use_async: bool = True
+    verify: bool = True  # check every file's checksum before restoring (falls back if corrupt)
 
 
 @dataclass(frozen=True)
@@ -546,6 +560,7 @@ def validate(cfg: Config) -> None:
         "train.grad_accum": t.grad_accum,
         "train.log_every": t.log_every,
         "train.eval_every": t.eval_every,
+        "train.max_skipped": t.max_skipped,
         "checkpoint.save_every": cfg.checkpoint.save_every,
         "checkpoint.keep": cfg.checkpoint.keep,
         "data.shard_tokens": d.shard_tokens,
@@ -572,6 +587,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be >= 0")
     if not t.lr > 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
+    if not 0 <= t.spike_window <= MAX_SPIKE_WINDOW:
+        raise ConfigError(
+            f"train.spike_window={t.spike_window} must be in [0, {MAX_SPIKE_WINDOW}] (0 disables)"
+        )
+    if not t.spike_zscore > 0:
+        raise ConfigError(f"train.spike_zscore={t.spike_zscore} must be positive")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
