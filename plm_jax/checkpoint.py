@@ -1,23 +1,32 @@
 """Orbax checkpoints of a run: train state, data iterator state and resolved config.
 
-`<run dir>/checkpoints/<step>/` holds three items:
+`<run dir>/checkpoints/<step>/` holds three items plus a checksum manifest:
 
-    state   the `TrainState` (params, optimizer state, step, RNG key), saved as sharded arrays
+    state   the `TrainState` (params, optimizer state, step, RNG key, loss window), saved as
+            sharded arrays
     data    the data iterator state (JSON, e.g. {"next_index": 1234})
     config  the resolved config (JSON)
+    plm_jax_manifest.json   size and CRC-32 of every file above (`plm_jax.integrity`)
 
 Saves are asynchronous (`checkpoint.use_async`): the step returns while Orbax writes in the
-background, and a checkpoint becomes visible only once committed, so `latest_step()` never
-names a half-written one. Restoring takes the abstract state with the *current* shardings, so a
-checkpoint written on one mesh loads directly into another.
+background. A checkpoint counts once Orbax has committed it (renamed its temporary directory)
+and its manifest is written; both happen before the next save starts or in `wait()`, and only
+then does retention delete older checkpoints (by renaming them into `checkpoints/.trash/`
+first, so an interrupted deletion never leaves a half-deleted step behind). A failed write
+(e.g. a full disk) raises `CheckpointError`; the older checkpoints are untouched.
 
-What it leaves out: checksum verification and fallback past corrupt checkpoints (issue #8).
+Restoring verifies the manifest (`checkpoint.verify`) and takes the abstract state with the
+*current* shardings, so a checkpoint written on one mesh loads directly into another.
+`restore_latest` falls back past corrupt checkpoints to the newest valid one, moving the
+corrupt ones to `checkpoints/.corrupt/` (kept for inspection, never deleted).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +34,22 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from plm_jax import integrity
 from plm_jax.config import CheckpointConfig
-from plm_jax.errors import DataError
+from plm_jax.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
+
+TRASH = ".trash"  # retention renames doomed checkpoints here before deleting them
+CORRUPT = ".corrupt"  # restore_latest moves corrupt checkpoints here
+
+
+class CheckpointError(UserError):
+    """A checkpoint could not be written (disk full, permissions); older ones are intact."""
+
+
+class CorruptCheckpoint(DataError):
+    """A checkpoint's files are missing, truncated or changed since they were written."""
 
 
 class Checkpointer:
@@ -43,30 +64,21 @@ class Checkpointer:
         best_metric: str = "eval/loss",
         higher_is_better: bool = False,
     ):
-        """`keep_best` keeps, besides the newest `keep`, the checkpoint with the best
-        `best_metric` among those saved with metrics (lowest, or highest when
-        `higher_is_better`, e.g. a fine-tuning accuracy)."""
+        """Retention keeps the newest `cfg.keep` checkpoints and, with `cfg.keep_best`, the
+        one with the best `best_metric` among those saved with metrics (lowest, or highest
+        when `higher_is_better`, e.g. a fine-tuning accuracy)."""
         self.directory = Path(run_dir).absolute() / "checkpoints"
-        policy = None
-        if cfg.keep_best and not read_only:  # newest `keep` plus the best by the metric
-            policy = ocp.checkpoint_managers.AnyPreservationPolicy(
-                [
-                    ocp.checkpoint_managers.preservation_policy.LatestN(n=cfg.keep),
-                    ocp.checkpoint_managers.preservation_policy.BestN(
-                        get_metric_fn=lambda m: m[best_metric],
-                        reverse=not higher_is_better,
-                        n=1,
-                        keep_checkpoints_without_metrics=False,
-                    ),
-                ]
-            )
+        self.cfg, self.read_only = cfg, read_only
+        self.best_metric, self.higher_is_better = best_metric, higher_is_better
+        self.is_primary = jax.process_index() == 0
+        self._pending: tuple[int, dict[str, float] | None] | None = None
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy,
-            max_to_keep=None if read_only or policy is not None else cfg.keep,
+            max_to_keep=None,  # retention is ours: only after the new checkpoint is committed
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=cfg.use_async and not read_only,
             create=not read_only,
             read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # interrupted saves of an earlier process
         )
         if read_only and not self.directory.is_dir():
             raise DataError(f"no checkpoints in {self.directory.parent}; train a model there first")
@@ -78,6 +90,8 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
         )
+        if not read_only and self.is_primary:
+            shutil.rmtree(self.directory / TRASH, ignore_errors=True)  # an interrupted deletion
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -97,21 +111,117 @@ class Checkpointer:
     ) -> bool:
         """Starts saving `step` (asynchronously); returns whether a save was started.
 
-        `metrics` (e.g. {"eval/loss": ...}) rank checkpoints for `checkpoint.keep_best`.
+        The previous save is committed first (see `wait`). `metrics` (e.g.
+        {"eval/loss": ...}) rank checkpoints for `checkpoint.keep_best`.
+
+        Raises:
+          CheckpointError: this or the previous save could not be written.
         """
+        self._commit_pending()
+        if step in self.all_steps():
+            return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config),
         )
-        return self._manager.save(step, args=args, metrics=metrics, force=force)
+        try:
+            started = self._manager.save(step, args=args, metrics=metrics, force=force)
+        except (OSError, ValueError) as e:
+            raise self._write_error(step, e) from e
+        if started:
+            self._pending = (step, metrics)
+            if not self.cfg.use_async:
+                self._commit_pending()
+        return started
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    def wait(self) -> None:
+        """Blocks until the last save is committed, its manifest written and old checkpoints
+        deleted by retention.
+
+        Raises:
+          CheckpointError: the save failed; the checkpoints before it are intact.
+        """
+        self._commit_pending()
+
+    def poll(self) -> None:
+        """Commits the last save if its background write has finished (does not block), so a
+        checkpoint gets its manifest soon after Orbax commits it, not at the next save."""
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        if self._pending is None:
+            return
+        step, metrics = self._pending
+        self._pending = None
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:  # Orbax re-raises whatever its writer threads hit
+            raise self._write_error(step, e) from e
+        step_dir = self.directory / str(step)
+        if not step_dir.is_dir():  # Orbax logs some finalisation errors instead of raising
+            raise self._write_error(step, RuntimeError("the checkpoint was never committed"))
+        if self.is_primary:
+            try:
+                integrity.write_manifest(step_dir, step, metrics)
+            except OSError as e:
+                raise self._write_error(step, e) from e
+            self._apply_retention(newest=step)
+
+    def _write_error(self, step: int, error: BaseException) -> CheckpointError:
+        older = [s for s in self._committed_steps() if s < step]
+        keep = f"checkpoint {older[-1]} is intact" if older else "no older checkpoint exists"
+        return CheckpointError(
+            f"could not write checkpoint {step} to {self.directory} "
+            f"({type(error).__name__}: {_brief(error)}); {keep}: free disk space or fix "
+            "the directory, then rerun the same command to resume"
+        )
+
+    def _committed_steps(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir()
+        )
+
+    def _apply_retention(self, newest: int) -> None:
+        """Deletes checkpoints older than `newest` beyond `keep` (and the best one)."""
+        steps = [s for s in self._committed_steps() if s <= newest]
+        keep = set(steps[-self.cfg.keep :])
+        if self.cfg.keep_best:
+            ranked = []
+            for s in steps:
+                manifest = integrity.read_manifest(self.directory / str(s)) or {}
+                value = manifest.get("metrics", {}).get(self.best_metric)
+                if value is not None:
+                    ranked.append((-value if self.higher_is_better else value, s))
+            if ranked:
+                keep.add(min(ranked)[1])
+        doomed = [s for s in steps if s not in keep]
+        for s in doomed:
+            trash = self.directory / TRASH / f"{s}-{uuid.uuid4().hex[:8]}"
+            trash.parent.mkdir(exist_ok=True)
+            (self.directory / str(s)).rename(trash)  # atomic: the step is gone or intact
+            shutil.rmtree(trash)
+        if doomed:
+            self._manager.reload()
+
+    def check(self, step: int) -> integrity.Status:
+        """The integrity state of one committed checkpoint (see `plm_jax.integrity`)."""
+        return integrity.check(self.directory / str(step), step)
+
+    def restore(
+        self, step: int, abstract_state: Any, *, verify: bool | None = None
+    ) -> tuple[Any, dict, dict]:
         """Restores `step` into the shardings of `abstract_state` (ShapeDtypeStructs).
 
         Raises:
+          CorruptCheckpoint: the files fail verification or cannot be read.
           DataError: the checkpoint's arrays do not fit `abstract_state` (another architecture).
         """
+        self._verify(step, verify)
         _check_shapes(self.read_metadata(step), abstract_state, self.directory / str(step))
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
@@ -122,12 +232,61 @@ class Checkpointer:
             restored = self._manager.restore(step, args=args)
         return restored["state"], restored["data"], restored["config"]
 
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+        """(step, state, data, config) of the newest checkpoint that verifies and restores,
+        or None when the run has no checkpoint yet.
+
+        Corrupt checkpoints (newest first) are logged with the reason and moved to
+        `checkpoints/.corrupt/`; the run then continues from the newest valid one.
+
+        Raises:
+          DataError: every checkpoint is corrupt (they were moved aside; the message says
+            where), or the newest valid one belongs to another architecture.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        moved = []
+        for step in steps:
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except CorruptCheckpoint as e:
+                log.warning("skipping checkpoint %d: %s", step, e)
+                moved.append(self._quarantine(step))
+        if moved:
+            raise DataError(
+                f"every checkpoint in {self.directory} is corrupt (moved to "
+                f"{self.directory / CORRUPT}); rerun to start from scratch, or restore a backup"
+            )
+        return None
+
+    def _quarantine(self, step: int) -> str:
+        """Moves a corrupt checkpoint out of Orbax's view, keeping its files."""
+        source = self.directory / str(step)
+        target = self.directory / CORRUPT / f"{step}-{uuid.uuid4().hex[:8]}"
+        if self.is_primary and not self.read_only and source.exists():
+            target.parent.mkdir(exist_ok=True)
+            source.rename(target)
+            log.warning("moved corrupt checkpoint %s to %s", source, target)
+        _sync(f"plm_jax_quarantine_{step}")
+        self._manager.reload()
+        return str(target)
+
+    def _verify(self, step: int, verify: bool | None) -> None:
+        if not (self.cfg.verify if verify is None else verify):
+            return
+        status = self.check(step)
+        if status.state == "corrupt":
+            raise CorruptCheckpoint(
+                f"checkpoint {status.path} is corrupt ({status.detail}); an older checkpoint "
+                "or a backup is needed"
+            )
+
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Restores only the parameters of `step` (no optimizer state is read).
 
         Raises:
-          DataError: the checkpoint's parameters do not fit `abstract_params`.
+          DataError: the checkpoint's parameters do not fit `abstract_params`, or it is corrupt.
         """
+        self._verify(step, None)
         target = {"params": abstract_params}
         _check_shapes(self.read_metadata(step), target, self.directory / str(step))
         args = ocp.args.PyTreeRestore(
@@ -150,21 +309,35 @@ class Checkpointer:
 
     @contextlib.contextmanager
     def _reading(self, step: int) -> Iterator[None]:
-        """Turns Orbax's errors about missing or unreadable items into one clear DataError."""
+        """Turns Orbax's errors about missing or unreadable items into CorruptCheckpoint."""
         try:
             yield
-        except (KeyError, ValueError, OSError) as e:
-            raise DataError(
+        except (KeyError, ValueError, OSError, TypeError) as e:
+            raise CorruptCheckpoint(
                 f"checkpoint {self.directory / str(step)} is incomplete or corrupt "
-                f"({type(e).__name__}: {str(e)[:200]}); delete it to resume from an older one"
+                f"({type(e).__name__}: {_brief(e)}); delete it to resume from an older one"
             ) from e
 
-    def wait(self) -> None:
-        """Blocks until background saves are committed."""
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
-        self._manager.close()
+        """Commits the last save (see `wait`) and releases Orbax's threads."""
+        try:
+            self._commit_pending()
+        finally:
+            self._manager.close()
+
+
+def _brief(error: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line, keeping its end (where the OS error is)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def locate_checkpoint(path: str | Path) -> tuple[Path, int | None]:
