@@ -2,8 +2,10 @@
 stopping, evaluation that counts every example once, prediction, and bad input."""
 
 import json
+import os
 import random
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +14,15 @@ import optax
 import pytest
 from flax import nnx
 
+from plm_jax.checkpoint import Checkpointer
 from plm_jax.cli import main
 from plm_jax.config import ModelConfig, TrainConfig, load_config
 from plm_jax.errors import ConfigError, DataError, NotYetAvailable
 from plm_jax.tasks import finetune as ft_mod
 from plm_jax.tasks.model import TaskModel
 from plm_jax.train.optimizer import layerwise_lr_factors, lr_schedule
-from plm_jax.train.state import TrainState
+from plm_jax.train.preemption import Preempted
+from plm_jax.train.state import TrainState, empty_loss_window
 
 POS = ["great", "excellent", "wonderful", "love", "happy", "good"]
 NEG = ["terrible", "awful", "hate", "sad", "bad", "horrible"]
@@ -118,6 +122,32 @@ def test_resume_mid_epoch_is_exact(tmp_path, tiny_run, sentiment):
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 
 
+@pytest.mark.faults  # two fine-tuning runs: CI's second step
+def test_sigterm_stops_fine_tuning_with_a_checkpoint_and_resumes_exactly(
+    tmp_path, tiny_run, sentiment, monkeypatch
+):
+    args = cls_args(sentiment) + ["train.steps=10", "checkpoint.save_every=5"]
+    ft_mod.finetune(ft_config(tmp_path, args, tiny_run, name="whole"), show_progress=False)
+    real, calls = ft_mod.shard_batch, [0]
+
+    def shard(local, mesh, rows):  # the 7th training batch arrives with a SIGTERM
+        calls[0] += 1
+        if calls[0] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(local, mesh, rows)
+
+    monkeypatch.setattr(ft_mod, "shard_batch", shard)
+    split = ft_config(tmp_path, args, tiny_run, name="split")
+    with pytest.raises(Preempted, match="stopped by SIGTERM at step 7"):
+        ft_mod.finetune(split, show_progress=False)
+    ck = Checkpointer(split.run_dir, split.checkpoint, read_only=True)
+    assert ck.latest_step() == 7 and ck.check(7).state == "ok"
+    ck.close()
+    monkeypatch.setattr(ft_mod, "shard_batch", real)
+    ft_mod.finetune(split, show_progress=False)
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
 def test_gradient_accumulation_matches_one_batch():
     cfg = ModelConfig(vocab_size=64, num_layers=1, embed_dim=16, num_heads=2, max_seq_len=16)
     model = TaskModel(cfg, "classification", 3, "mean", rngs=nnx.Rngs(0))
@@ -134,7 +164,13 @@ def test_gradient_accumulation_matches_one_batch():
         "weights": np.array([1, 1, 1, 1, 1, 0, 1, 0], np.float32),  # two padding rows
     }
     tx = optax.sgd(1.0)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros(2, jnp.uint32))
+    state = TrainState(
+        jnp.zeros((), jnp.int32),
+        params,
+        tx.init(params),
+        jnp.zeros(2, jnp.uint32),
+        empty_loss_window(),
+    )
     out = []
     for accum in (1, 2, 4):
         new, metrics = ft_mod.task_train_step(

@@ -28,7 +28,7 @@ from plm_jax.convert.hf import load_hf_model, save_hf_model
 from plm_jax.errors import DataError
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.optimizer import make_optimizer
-from plm_jax.train.state import TrainState
+from plm_jax.train.state import TrainState, empty_loss_window
 
 # Files of a Hugging Face tokenizer directory that travel with the weights (vocab.txt: BERT's
 # WordPiece vocabulary, which some BERT directories hold instead of a tokenizer.json).
@@ -80,6 +80,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(cfg.run.seed)),
+        loss_window=empty_loss_window(),
     )
     save_config(cfg, run_dir / "config.yaml")
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -35,15 +34,22 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from plm_jax.checkpoint import Checkpointer
 from plm_jax.config import Config, config_to_dict, save_config, validate_for_devices
-from plm_jax.errors import ConfigError, NotYetAvailable, TrainingError
+from plm_jax.errors import ConfigError, NotYetAvailable
 from plm_jax.metrics import MetricsWriter, ProgressBar, truncate_metrics
 from plm_jax.sharding import make_mesh, shard_batch, use_mesh
 from plm_jax.tasks.batching import BucketBatcher, bucket_lengths
 from plm_jax.tasks.data import TaskData, load_task_data
 from plm_jax.tasks.model import TaskModel
 from plm_jax.tokenizer import Tokenizer
-from plm_jax.train.loop import load_init_params, resolve_init_from, resolve_vocab
+from plm_jax.train.loop import (
+    applied_loss,
+    check_steps,
+    load_init_params,
+    resolve_init_from,
+    resolve_vocab,
+)
 from plm_jax.train.optimizer import layerwise_lr_factors, lr_schedule, make_optimizer
+from plm_jax.train.preemption import Preempted, SignalGuard
 from plm_jax.train.state import (
     TrainState,
     init_train_state,
@@ -51,7 +57,7 @@ from plm_jax.train.state import (
     sharded_abstract_state,
     state_shardings,
 )
-from plm_jax.train.step import split_micro
+from plm_jax.train.step import NO_GUARD, Guard, accumulate, apply_update
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +105,9 @@ def _forward(params, graphdef, batch, key):
     )
 
 
-def task_train_step(state: TrainState, batch, *, graphdef, tx, schedule, grad_accum, task, drop):
+def task_train_step(
+    state: TrainState, batch, *, graphdef, tx, schedule, grad_accum, task, drop, guard=NO_GUARD
+):
     """One optimizer step over `grad_accum` micro-batches; example-weighted loss."""
     total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -107,29 +115,11 @@ def task_train_step(state: TrainState, batch, *, graphdef, tx, schedule, grad_ac
     def loss_fn(params, mb, key):
         return task_loss(_forward(params, graphdef, mb, key), mb, task)
 
-    def micro_grad(grads, micro):
-        mb, index = micro
-        key = jax.random.fold_in(step_key, index) if drop else None
-        loss, g = jax.value_and_grad(loss_fn)(state.params, mb, key)
-        return jax.tree.map(jnp.add, grads, g), loss
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    micro = (split_micro(batch, grad_accum), jnp.arange(grad_accum))
-    grads, losses = jax.lax.scan(micro_grad, zeros, micro)
-    grads = jax.tree.map(lambda g: g / total, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state,
-        rng=state.rng,
-    )
-    return new_state, {
-        "train/loss": jnp.sum(losses) / total,
-        "train/grad_norm": optax.global_norm(grads),
-        "train/lr": schedule(state.step),
-        "train/examples": jnp.sum(batch["weights"]),
-    }
+    grads, losses = accumulate(loss_fn, state.params, batch, grad_accum, step_key, drop)
+    new_state, metrics = apply_update(state, grads, losses, total, tx, guard)
+    metrics["train/lr"] = schedule(state.step)
+    metrics["train/examples"] = jnp.sum(batch["weights"])
+    return new_state, metrics
 
 
 def task_outputs(params, batch, *, graphdef):
@@ -243,14 +233,14 @@ def setup(cfg: Config, *, show_progress: bool = True) -> FineTuner:
     best, bad_evals = None, 0
     with use_mesh(mesh, cfg.mesh.rules):
         shardings = state_shardings(factory, tx, mesh, cfg.mesh.rules)
-        latest = checkpointer.latest_step()
-        if latest is None:
+        abstract = sharded_abstract_state(factory, tx, shardings)
+        restored = checkpointer.restore_latest(abstract)  # falls back past corrupt ones
+        if restored is None:
             state, _ = init_train_state(factory, tx, mesh, cfg.run.seed, cfg.mesh.rules)
             if cfg.init_from:
                 state = _load_backbone(cfg, state, shardings)
         else:
-            abstract = sharded_abstract_state(factory, tx, shardings)
-            state, data_state, _ = checkpointer.restore(latest, abstract)
+            latest, state, data_state, _ = restored
             batcher.set_state(data_state["batcher"])
             best, bad_evals = data_state.get("best"), data_state.get("bad_evals", 0)
             log.info("resumed from %s at step %d", checkpointer.directory / str(latest), latest)
@@ -354,9 +344,21 @@ def _improved(ft: FineTuner, value: float) -> bool:
     return value > ft.best if ft.higher_is_better else value < ft.best
 
 
-def run(ft: FineTuner, *, show_progress: bool = True, until: int | None = None) -> dict:
-    """Trains to `train.steps` (or `until`), evaluating, saving and stopping early."""
+def run(
+    ft: FineTuner,
+    *,
+    show_progress: bool = True,
+    until: int | None = None,
+    guard: SignalGuard | None = None,
+) -> dict:
+    """Trains to `train.steps` (or `until`), evaluating, saving and stopping early.
+
+    Raises:
+      Preempted: `guard` received SIGTERM/SIGINT; the current step's checkpoint is committed.
+      TrainingError: non-finite values (`train.nonfinite: abort`) or too many skipped steps.
+    """
     cfg, t = ft.cfg, ft.cfg.train
+    guard = guard or SignalGuard()
     start = int(jax.device_get(ft.state.step))
     if start >= t.steps:
         return {"step": start, "complete": True, **({} if ft.best is None else {"best": ft.best})}
@@ -370,6 +372,7 @@ def run(ft: FineTuner, *, show_progress: bool = True, until: int | None = None) 
             grad_accum=t.grad_accum,
             task=cfg.task.name,
             drop=cfg.model.dropout > 0,
+            guard=Guard.from_config(t),
         ),
         out_shardings=(ft.shardings, replicated),
         donate_argnums=0,
@@ -381,24 +384,25 @@ def run(ft: FineTuner, *, show_progress: bool = True, until: int | None = None) 
     last: dict[str, Any] = {}
     clock = time.perf_counter()
     early = False
+    skipped_run = 0
     for step in range(start, stop):
         batch = shard_batch(next(ft.batcher), ft.mesh, t.batch_size)
         with use_mesh(ft.mesh, cfg.mesh.rules):
             ft.state, metrics = step_fn(ft.state, batch)
         pending.append(metrics)
+        ft.checkpointer.poll()
         done = step + 1
         evals: dict[str, float] = {}
         saving = done % cfg.checkpoint.save_every == 0 or done == stop
         evaluating = done % t.eval_every == 0 or done == t.steps
-        if done % t.log_every == 0 or saving or evaluating:
+        sync = done % t.log_every == 0 or saving or evaluating  # every process passes these
+        preempted = guard.should_stop(at_sync_point=sync)
+        evaluating = evaluating and not preempted
+        if done % t.log_every == 0 or saving or evaluating or preempted:
             fetched = jax.device_get(pending)  # waits for the steps: time after this
+            skipped_run = check_steps(fetched, done - len(fetched) + 1, t, skipped_run)
             last = {"step": done, **_summarise(fetched, time.perf_counter() - clock)}
             pending, clock = [], time.perf_counter()
-            if not math.isfinite(last["train/loss"]):
-                raise TrainingError(
-                    f"non-finite loss at step {done} ({last['train/loss']}); lower train.lr, "
-                    "then resume from the last checkpoint"
-                )
             ft.writer.write(done, {k: v for k, v in last.items() if k != "step"})
             bar.update(done, loss=last["train/loss"])
         if evaluating:
@@ -424,13 +428,18 @@ def run(ft: FineTuner, *, show_progress: bool = True, until: int | None = None) 
                     ft.best,
                 )
                 early, saving = True, True
-        if saving:
+            preempted = guard.should_stop(at_sync_point=True)  # a signal during evaluation
+        if saving or preempted:
             data_state = {"batcher": ft.batcher.get_state(), "best": ft.best}
             data_state["bad_evals"] = ft.bad_evals
             ranked = {f"eval/{ft.metric}": evals[f"eval/{ft.metric}"]} if evals else None
             ft.checkpointer.save(
                 done, ft.state, data_state, config_dict, metrics=ranked, force=True
             )
+        if preempted:
+            bar.close()
+            ft.checkpointer.wait()
+            raise Preempted(done, guard.signame or "a signal")
         if early:
             break
     bar.close()
@@ -445,9 +454,10 @@ def _summarise(fetched: list[dict], seconds: float) -> dict[str, float]:
     """Example-weighted mean loss since the last log, latest lr and grad norm, and the rate
     (including any compilation of new batch shapes in the interval)."""
     rows = np.array([m["train/examples"] for m in fetched], np.float64)
-    losses = np.array([m["train/loss"] for m in fetched], np.float64)
+    loss, skipped = applied_loss(fetched, "train/examples")
     return {
-        "train/loss": float((losses * rows).sum() / max(rows.sum(), 1.0)),
+        "train/loss": loss,
+        "train/skipped": skipped,
         "train/grad_norm": float(fetched[-1]["train/grad_norm"]),
         "train/lr": float(fetched[-1]["train/lr"]),
         "perf/examples_per_sec": float(rows.sum() / max(seconds, 1e-9)),
@@ -456,17 +466,19 @@ def _summarise(fetched: list[dict], seconds: float) -> dict[str, float]:
 
 def finetune(cfg: Config, *, show_progress: bool = True, until: int | None = None) -> dict:
     """Sets up (or resumes) a fine-tuning run and trains it; returns the last metrics."""
-    ft = setup(cfg, show_progress=show_progress)
-    try:
-        result = run(ft, show_progress=show_progress, until=until)
-        stats = ft.batcher
-        result["padding_fraction"] = stats.padding_fraction
-        result["compiled_shapes"] = len(stats.shapes)
-        return result
-    finally:
-        ft.checkpointer.wait()
-        ft.checkpointer.close()
-        ft.writer.close()
+    with SignalGuard() as guard:
+        ft = setup(cfg, show_progress=show_progress)
+        try:
+            result = run(ft, show_progress=show_progress, until=until, guard=guard)
+            stats = ft.batcher
+            result["padding_fraction"] = stats.padding_fraction
+            result["compiled_shapes"] = len(stats.shapes)
+            return result
+        finally:
+            try:
+                ft.checkpointer.close()  # commits the last save
+            finally:
+                ft.writer.close()
 
 
 def best_step(run_dir: str | Path) -> int | None:

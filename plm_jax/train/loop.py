@@ -28,6 +28,7 @@ from plm_jax.checkpoint import Checkpointer, locate_checkpoint
 from plm_jax.config import (
     Config,
     ModelConfig,
+    TrainConfig,
     config_from_dict,
     config_to_dict,
     save_config,
@@ -46,6 +47,7 @@ from plm_jax.metrics import (
 from plm_jax.sharding import batch_sharding, make_mesh, shard_batch, use_mesh
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.optimizer import lr_schedule, make_optimizer
+from plm_jax.train.preemption import Preempted, SignalGuard
 from plm_jax.train.state import (
     TrainState,
     init_train_state,
@@ -53,7 +55,7 @@ from plm_jax.train.state import (
     sharded_abstract_state,
     state_shardings,
 )
-from plm_jax.train.step import eval_step, train_step
+from plm_jax.train.step import Guard, eval_step, train_step
 
 log = logging.getLogger(__name__)
 
@@ -170,15 +172,15 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
     checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint)
     with use_mesh(mesh, cfg.mesh.rules):
         shardings = state_shardings(model_cfg, tx, mesh, cfg.mesh.rules)
-        latest = checkpointer.latest_step()
-        if latest is None:
+        abstract = sharded_abstract_state(model_cfg, tx, shardings)
+        restored = checkpointer.restore_latest(abstract)  # falls back past corrupt ones
+        if restored is None:
             state, _ = init_train_state(model_cfg, tx, mesh, cfg.run.seed, cfg.mesh.rules)
             if cfg.init_from:
                 params = load_init_params(cfg, state.params, shardings.params)
                 state = dataclasses.replace(state, params=params)
         else:
-            abstract = sharded_abstract_state(model_cfg, tx, shardings)
-            state, data_state, _ = checkpointer.restore(latest, abstract)
+            latest, state, data_state, _ = restored
             pipeline.train.set_state(data_state)
             log.info("resumed from %s at step %d", checkpointer.directory / str(latest), latest)
             if is_primary:
@@ -205,6 +207,7 @@ def compile_steps(tr: Trainer, first_batch: dict[str, jax.Array]) -> None:
             schedule=lr_schedule(cfg.train),  # static: learning-rate schedule
             grad_accum=cfg.train.grad_accum,  # static: micro-batches per step
             use_dropout=cfg.model.dropout > 0,
+            guard=Guard.from_config(cfg.train),  # static: non-finite and spike skipping
         ),
         in_shardings=(tr.shardings, batch_sh),  # state as derived; batch rows over data x fsdp
         out_shardings=(tr.shardings, replicated),  # state keeps its layout; metrics replicated
@@ -232,8 +235,11 @@ def compile_steps(tr: Trainer, first_batch: dict[str, jax.Array]) -> None:
     )
 
 
-def evaluate(tr: Trainer) -> dict[str, float]:
-    """Loss and perplexity over the held-out split (`train.eval_batches` batches, 0 = all)."""
+def evaluate(tr: Trainer, guard: SignalGuard | None = None) -> dict[str, float]:
+    """Loss and perplexity over the held-out split (`train.eval_batches` batches, 0 = all).
+
+    A single-process run stops evaluating when `guard` has a signal (returning {}); the
+    processes of a multi-process run finish it together."""
     loader = tr.pipeline.eval_batches(jax.process_index(), jax.process_count())
     if loader is None:
         return {}
@@ -242,6 +248,9 @@ def evaluate(tr: Trainer) -> dict[str, float]:
         for i, local in enumerate(loader):
             if tr.cfg.train.eval_batches and i >= tr.cfg.train.eval_batches:
                 break
+            if guard is not None and guard.local and jax.process_count() == 1:
+                log.warning("evaluation interrupted by %s", guard.signame)
+                return {}
             batch = shard_batch(local, tr.mesh, tr.cfg.train.batch_size)
             out = jax.device_get(tr.eval_fn(tr.state.params, batch))
             loss_sum += float(out["loss_sum"])
@@ -250,8 +259,8 @@ def evaluate(tr: Trainer) -> dict[str, float]:
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": tokens}
 
 
-def _log_eval(tr: Trainer, step: int) -> dict[str, float]:
-    evals = evaluate(tr)
+def _log_eval(tr: Trainer, step: int, guard: SignalGuard | None = None) -> dict[str, float]:
+    evals = evaluate(tr, guard)
     if evals:
         tr.writer.write(step, evals)
         log.info(
@@ -263,24 +272,84 @@ def _log_eval(tr: Trainer, step: int) -> dict[str, float]:
     return evals
 
 
-def _summarise(pending: list[dict[str, Any]]) -> dict[str, float]:
-    """Token-weighted mean loss over the steps since the last log, latest lr and grad norm."""
-    fetched = jax.device_get(pending)
-    tokens = np.array([m["train/tokens"] for m in fetched], np.float64)
+def applied_loss(fetched: list[dict[str, Any]], weight_key: str) -> tuple[float, float]:
+    """(weighted mean loss over the applied steps, number of skipped steps): steps with a
+    non-finite loss or `train/skipped` set do not count; NaN when none was applied."""
+    weights = np.array([m[weight_key] for m in fetched], np.float64)
     losses = np.array([m["train/loss"] for m in fetched], np.float64)
+    used = np.isfinite(losses) & (np.array([m["train/skipped"] for m in fetched]) == 0)
+    if not used.any():
+        return float("nan"), float(len(fetched))
+    w = weights * used
+    return float((np.where(used, losses, 0.0) * w).sum() / max(w.sum(), 1.0)), float((~used).sum())
+
+
+def _summarise(fetched: list[dict[str, Any]]) -> dict[str, float]:
+    """Token-weighted mean loss over the applied steps since the last log, latest lr and
+    grad norm, and the number of skipped steps."""
+    loss, skipped = applied_loss(fetched, "train/tokens")
     return {
-        "train/loss": float((losses * tokens).sum() / max(tokens.sum(), 1.0)),
+        "train/loss": loss,
         "train/grad_norm": float(fetched[-1]["train/grad_norm"]),
         "train/lr": float(fetched[-1]["train/lr"]),
-        "train/tokens": float(tokens.sum()),
+        "train/tokens": float(sum(m["train/tokens"] for m in fetched)),
         "train/input_tokens": float(sum(m["train/input_tokens"] for m in fetched)),
+        "train/skipped": skipped,
     }
 
 
-def run(tr: Trainer, *, show_progress: bool = True, until: int | None = None) -> dict[str, Any]:
+def check_steps(fetched: list[dict[str, Any]], first: int, t: TrainConfig, run: int) -> int:
+    """Applies `train.nonfinite` and `train.max_skipped` to the metrics of steps `first`,
+    `first + 1`, ...; returns the updated count of consecutive skipped steps.
+
+    Raises:
+      TrainingError: a non-finite loss or gradient under `abort` (naming the step, the batch
+        and micro-batch), or more than `train.max_skipped` consecutive skipped steps.
+    """
+    for i, m in enumerate(fetched):
+        step, loss, norm = first + i, float(m["train/loss"]), float(m["train/grad_norm"])
+        if t.nonfinite == "abort" and not (math.isfinite(loss) and math.isfinite(norm)):
+            micro = int(m["train/bad_micro"])
+            part = f", micro-batch {micro} of {t.grad_accum}" if t.grad_accum > 1 else ""
+            raise TrainingError(
+                f"non-finite loss or gradient at step {step} (batch {step - 1} of the data "
+                f"stream{part}: loss={loss}, grad_norm={norm}); no state after it was saved. "
+                "Lower train.lr or raise train.warmup_steps (or set train.nonfinite=skip), "
+                "then rerun to resume from the last checkpoint"
+            )
+        run = run + 1 if m["train/skipped"] else 0
+        if run > t.max_skipped:
+            raise TrainingError(
+                f"{run} consecutive steps skipped up to step {step} (non-finite values or loss "
+                f"spikes; train.max_skipped={t.max_skipped}): the run is diverging. Lower "
+                "train.lr, then rerun to resume from the last checkpoint"
+            )
+    return run
+
+
+def _save(tr: Trainer, step: int, config_dict: dict, evals: dict, force: bool) -> None:
+    ranked = {"eval/loss": evals["eval/loss"]} if evals else None
+    tr.checkpointer.save(
+        step, tr.state, tr.pipeline.train.get_state(), config_dict, metrics=ranked, force=force
+    )
+
+
+def run(
+    tr: Trainer,
+    *,
+    show_progress: bool = True,
+    until: int | None = None,
+    guard: SignalGuard | None = None,
+) -> dict[str, Any]:
     """Trains from the current step to `train.steps` (or stops after step `until`, with a
-    checkpoint, as an interrupted run would); returns the last logged metrics."""
+    checkpoint, as an interrupted run would); returns the last logged metrics.
+
+    Raises:
+      Preempted: `guard` received SIGTERM/SIGINT; the current step's checkpoint is committed.
+      TrainingError: non-finite values (`train.nonfinite: abort`) or too many skipped steps.
+    """
     cfg, t = tr.cfg, tr.cfg.train
+    guard = guard or SignalGuard()
     start_step = int(jax.device_get(tr.state.step))
     if start_step >= t.steps:
         log.info("run already complete at step %d (train.steps=%d)", start_step, t.steps)
@@ -298,48 +367,50 @@ def run(tr: Trainer, *, show_progress: bool = True, until: int | None = None) ->
     padded_per_step = t.batch_size * cfg.model.max_seq_len
     pending: list[dict[str, Any]] = []
     last: dict[str, Any] = {}
+    skipped_run = 0
     stop = t.steps if until is None else min(until, t.steps)
+    if guard.should_stop(at_sync_point=True):  # a signal during setup
+        _save(tr, start_step, config_dict, {}, force=True)
+        tr.checkpointer.wait()
+        raise Preempted(start_step, guard.signame or "a signal")
     for step in range(start_step, stop):
         batch = shard_batch(next(tr.pipeline.train), tr.mesh, t.batch_size)
         if tr.step_fn is None:
             compile_steps(tr, batch)
             if step == 0:  # the starting point that the final eval loss is compared with
-                _log_eval(tr, 0)
+                _log_eval(tr, 0, guard)
             timer.reset()
         with use_mesh(tr.mesh, cfg.mesh.rules):
             tr.state, metrics = tr.step_fn(tr.state, batch)
         pending.append(metrics)
+        tr.checkpointer.poll()
         done = step + 1
         evals: dict[str, float] = {}
         saving = done % cfg.checkpoint.save_every == 0 or done == stop
-        if done % t.log_every == 0 or saving:  # fetch before saving: never save a NaN state
-            last = {"step": done, **_summarise(pending)}
+        eval_due = done % t.eval_every == 0 or done == t.steps
+        sync = done % t.log_every == 0 or saving or eval_due  # every process passes these
+        preempted = guard.should_stop(at_sync_point=sync)
+        if sync or preempted:  # fetch before saving: never save a NaN state
+            fetched = jax.device_get(pending)
+            skipped_run = check_steps(fetched, done - len(fetched) + 1, t, skipped_run)
+            last = {"step": done, **_summarise(fetched)}
             last.update(
                 timer.lap(len(pending), last["train/input_tokens"], padded_per_step * len(pending))
             )
             pending = []
-            if not math.isfinite(last["train/loss"]) or not math.isfinite(last["train/grad_norm"]):
-                raise TrainingError(
-                    f"non-finite loss or gradient at step {done} (loss={last['train/loss']}, "
-                    f"grad_norm={last['train/grad_norm']}); lower train.lr or raise "
-                    "train.warmup_steps, then resume from the last checkpoint"
-                )
             tr.writer.write(done, {k: v for k, v in last.items() if k != "step"})
             bar.update(done, loss=last["train/loss"], tokens_per_sec=last["perf/tokens_per_sec"])
-        if done % t.eval_every == 0 or done == t.steps:
-            evals = _log_eval(tr, done)
+        if eval_due and not preempted:
+            evals = _log_eval(tr, done, guard)
             last.update(evals)
             timer.reset()
-        if saving:
-            ranked = {"eval/loss": evals["eval/loss"]} if evals else None
-            tr.checkpointer.save(
-                done,
-                tr.state,
-                tr.pipeline.train.get_state(),
-                config_dict,
-                metrics=ranked,
-                force=done == stop,
-            )
+            preempted = guard.should_stop(at_sync_point=True)  # a signal during evaluation
+        if saving or preempted:
+            _save(tr, done, config_dict, evals, force=done == stop or preempted)
+        if preempted:
+            bar.close()
+            tr.checkpointer.wait()
+            raise Preempted(done, guard.signame or "a signal")
     bar.close()
     tr.checkpointer.wait()
     return last
@@ -348,11 +419,16 @@ def run(tr: Trainer, *, show_progress: bool = True, until: int | None = None) ->
 def pretrain(
     cfg: Config, *, show_progress: bool = True, until: int | None = None
 ) -> dict[str, Any]:
-    """Sets up (or resumes) a run and trains it to `train.steps` (or to step `until`)."""
-    tr = setup(cfg, show_progress=show_progress)
-    try:
-        return run(tr, show_progress=show_progress, until=until)
-    finally:
-        tr.checkpointer.wait()
-        tr.checkpointer.close()
-        tr.writer.close()
+    """Sets up (or resumes) a run and trains it to `train.steps` (or to step `until`).
+
+    SIGTERM/SIGINT stop it with a committed checkpoint (`Preempted`).
+    """
+    with SignalGuard() as guard:
+        tr = setup(cfg, show_progress=show_progress)
+        try:
+            return run(tr, show_progress=show_progress, until=until, guard=guard)
+        finally:
+            try:
+                tr.checkpointer.close()  # commits the last save
+            finally:
+                tr.writer.close()

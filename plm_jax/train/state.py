@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from plm_jax.config import ModelConfig
+from plm_jax.config import MAX_SPIKE_WINDOW, ModelConfig
 from plm_jax.models import build_model
 from plm_jax.sharding import logical_to_sharding
 
@@ -28,12 +28,19 @@ from plm_jax.sharding import logical_to_sharding
 @dataclasses.dataclass
 class TrainState:
     """step: [] int32; params: nnx.State of parameter arrays; opt_state: optax state;
-    rng: [2] uint32 base key (dropout keys are folded from it with the step)."""
+    rng: [2] uint32 base key (dropout keys are folded from it with the step);
+    loss_window: [MAX_SPIKE_WINDOW] f32, the latest finite losses, newest last, NaN where
+    not yet filled (loss-spike detection, `train.spike_window`)."""
 
     step: jax.Array
     params: nnx.State
     opt_state: Any
     rng: jax.Array
+    loss_window: jax.Array
+
+
+def empty_loss_window() -> jax.Array:
+    return jnp.full((MAX_SPIKE_WINDOW,), jnp.nan, jnp.float32)
 
 
 # What a train state is built from: a model config (its `build_model`), or a function from
@@ -61,6 +68,7 @@ def _init(key: jax.Array, model_cfg: ModelSpec, tx: optax.GradientTransformation
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(rng),
+        loss_window=empty_loss_window(),
     )
 
 
@@ -107,7 +115,9 @@ def state_shardings(
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
-    return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
+    return TrainState(
+        step=replicated, params=params, opt_state=opt_state, rng=replicated, loss_window=replicated
+    )
 
 
 def init_train_state(

@@ -12,6 +12,7 @@ gradients are summed. So k micro-batches give the same gradient as one batch k t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from plm_jax.config import TrainConfig
 from plm_jax.sharding import constrain
 from plm_jax.train.state import TrainState
 
@@ -67,6 +69,86 @@ def split_micro(batch: Batch, grad_accum: int) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """What a step does with a bad update (static: part of the compiled step).
+
+    skip_nonfinite: a NaN/Inf loss or gradient norm leaves params and optimizer state
+      unchanged (`train.nonfinite: skip`); otherwise the update is applied and the loop
+      aborts when it fetches the metrics, before anything is saved.
+    spike_window / spike_zscore: skip a finite loss above mean + zscore * std of the previous
+      `spike_window` finite losses, once that many exist (0 disables).
+    """
+
+    skip_nonfinite: bool = False
+    spike_window: int = 0
+    spike_zscore: float = 6.0
+
+    @classmethod
+    def from_config(cls, t: TrainConfig) -> Guard:
+        return cls(t.nonfinite == "skip", t.spike_window, t.spike_zscore)
+
+
+NO_GUARD = Guard()  # apply every update; the loop aborts on non-finite values
+
+
+def accumulate(loss_fn, params, batch: Batch, grad_accum: int, step_key, use_dropout: bool):
+    """Summed gradients and per-micro-batch losses of `loss_fn(params, micro_batch, key)`
+    over `grad_accum` micro-batches (`key` is None without dropout)."""
+
+    def micro_grad(grads, micro):
+        mb, index = micro
+        key = jax.random.fold_in(step_key, index) if use_dropout else None
+        loss, g = jax.value_and_grad(loss_fn)(params, mb, key)
+        return jax.tree.map(jnp.add, grads, g), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    micro = (split_micro(batch, grad_accum), jnp.arange(grad_accum))
+    return jax.lax.scan(micro_grad, zeros, micro)
+
+
+def apply_update(
+    state: TrainState,
+    grads,
+    losses: jax.Array,
+    total: jax.Array,
+    tx: optax.GradientTransformation,
+    guard: Guard,
+) -> tuple[TrainState, Metrics]:
+    """The next state from summed gradients and micro-batch loss sums (both divided by
+    `total`), with `guard` applied; metrics loss, grad_norm, skipped and bad_micro (the first
+    micro-batch with a non-finite loss, -1 if none)."""
+    grads = jax.tree.map(lambda g: g / total, grads)
+    loss, grad_norm = jnp.sum(losses) / total, optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    skip = jnp.logical_not(finite) if guard.skip_nonfinite else jnp.zeros((), bool)
+    if guard.spike_window:
+        history = state.loss_window[-guard.spike_window :]
+        limit = jnp.mean(history) + guard.spike_zscore * jnp.std(history)
+        skip = skip | (jnp.all(jnp.isfinite(history)) & (loss > limit))
+    if guard.skip_nonfinite or guard.spike_window:
+        keep_old = lambda new, old: jnp.where(skip, old, new)  # noqa: E731
+        params = jax.tree.map(keep_old, params, state.params)
+        opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
+    window = jnp.concatenate([state.loss_window[1:], loss[None].astype(jnp.float32)])
+    bad = jnp.logical_not(jnp.isfinite(losses))
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        rng=state.rng,
+        loss_window=jnp.where(finite, window, state.loss_window),
+    )
+    return new_state, {
+        "train/loss": loss,
+        "train/grad_norm": grad_norm,
+        "train/skipped": skip.astype(jnp.float32),
+        "train/bad_micro": jnp.where(jnp.any(bad), jnp.argmax(bad), -1),
+    }
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -76,35 +158,24 @@ def train_step(
     schedule: optax.Schedule,
     grad_accum: int,
     use_dropout: bool,
+    guard: Guard = NO_GUARD,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step over `grad_accum` micro-batches. Pure: no I/O, no host transfers."""
     total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-    def micro_grad(grads, micro):
-        mb, index = micro
-        key = jax.random.fold_in(step_key, index) if use_dropout else None
-        loss, g = jax.value_and_grad(_forward_loss)(state.params, graphdef, mb, key)
-        return jax.tree.map(jnp.add, grads, g), loss
+    def loss_fn(params, mb, key):
+        return _forward_loss(params, graphdef, mb, key)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    micro = (split_micro(batch, grad_accum), jnp.arange(grad_accum))
-    grads, losses = jax.lax.scan(micro_grad, zeros, micro)
-    grads = jax.tree.map(lambda g: g / total, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state,
-        rng=state.rng,
+    grads, losses = accumulate(loss_fn, state.params, batch, grad_accum, step_key, use_dropout)
+    new_state, metrics = apply_update(state, grads, losses, total, tx, guard)
+    metrics.update(
+        {
+            "train/lr": schedule(state.step),
+            "train/tokens": jnp.sum(batch["weights"]),
+            "train/input_tokens": jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32),
+        }
     )
-    metrics = {
-        "train/loss": jnp.sum(losses) / total,
-        "train/grad_norm": optax.global_norm(grads),
-        "train/lr": schedule(state.step),
-        "train/tokens": jnp.sum(batch["weights"]),
-        "train/input_tokens": jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32),
-    }
     return new_state, metrics
 
 
