@@ -13,11 +13,15 @@ import logging
 import os
 import platform
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
 
 import jax
 
+from plm_jax import xla_flags
 from plm_jax.config import MODEL_PRESETS, ModelConfig
 
 TINY_DEFAULT_VOCAB = 4096
@@ -26,7 +30,8 @@ log = logging.getLogger("benchmarks")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--preset, --vocab, --layers, --embed-dim, --heads, --dtype, --remat, --scan."""
+    """--preset, --vocab, --layers, --embed-dim, --heads, --dtype, --remat, --scan,
+    --attention."""
     parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
     parser.add_argument(
         "--vocab", type=int, default=None, help=f"vocab size (tiny: {TINY_DEFAULT_VOCAB})"
@@ -35,8 +40,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed-dim", type=int, default=None, help="override embed_dim")
     parser.add_argument("--heads", type=int, default=None, help="override num_heads")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    parser.add_argument(
+        "--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"]
+    )
     parser.add_argument("--scan", action="store_true", help="scan over layers")
+    parser.add_argument(
+        "--attention",
+        default="xla",
+        choices=["xla", "cudnn"],
+        help="model.attention: XLA (anywhere) or cuDNN flash attention (GPU, bf16/f16 compute)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--peak-matmul-size",
@@ -65,9 +78,78 @@ def model_config(args: argparse.Namespace, min_seq_len: int) -> tuple[ModelConfi
             overrides[field] = value
     if min_seq_len > base.max_seq_len:
         overrides["max_seq_len"] = min_seq_len
-    settings = {"dtype": args.dtype, "remat": args.remat, "use_scan_layers": bool(args.scan)}
+    settings = {
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "use_scan_layers": bool(args.scan),
+        "attention": args.attention,
+    }
     overrides.update({k: v for k, v in settings.items() if v != getattr(base, k)})
     return dataclasses.replace(base, **overrides), overrides
+
+
+def add_xla_flag_args(parser: argparse.ArgumentParser) -> None:
+    """--xla-gpu-flags / --no-xla-gpu-flags."""
+    parser.add_argument(
+        "--xla-gpu-flags",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on an NVIDIA GPU, add plm_jax.xla_flags.GPU_FLAGS to XLA_FLAGS (flags already "
+        "in XLA_FLAGS win); no effect elsewhere",
+    )
+
+
+def apply_xla_flags(args: argparse.Namespace) -> list[str]:
+    """Adds the GPU flags when asked for; call before jax starts its backend. Returns them."""
+    if not args.xla_gpu_flags:
+        return []
+    return xla_flags.apply_gpu_flags(validate=True)
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active (jax.monitoring's compile events).
+
+    with CompileCounter() as compiles:
+        ...
+    compiles.count
+    """
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._active = False
+
+    def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
+        if self._active and event == self.EVENT:
+            self.count += 1
+
+    def __enter__(self) -> CompileCounter:
+        self._active = True
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._active = False  # a jax without `unregister_...` keeps calling a silent listener
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if unregister is not None:
+            unregister(self._on_event)
+
+
+@contextmanager
+def donation_warnings() -> Iterator[list[str]]:
+    """Collects the messages of jax's "Some donated buffers were not usable" warnings (a
+    donated input that XLA could not reuse costs a copy and memory every step)."""
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield found
+    for w in caught:
+        message = str(w.message)
+        if "donated" in message:
+            found.append(message.split("\n")[0])
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def model_summary(cfg: ModelConfig) -> dict[str, Any]:

@@ -36,6 +36,7 @@ log = logging.getLogger("benchmarks.infer_throughput")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.infer_throughput")
     common.add_model_args(parser)
+    common.add_xla_flag_args(parser)
     parser.add_argument("--batch", type=int, required=True, help="prompts per batch")
     parser.add_argument("--prompt-len", type=int, required=True, help="tokens per prompt")
     parser.add_argument("--new-tokens", type=int, required=True, help="tokens generated per row")
@@ -50,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, prints its record as one JSON line and returns it."""
     common.setup_logging()
     args = parse_args(argv)
+    flags_added = common.apply_xla_flags(args)  # before jax.devices() starts the backend
     model_cfg, overrides = common.model_config(args, min_seq_len=args.prompt_len + args.new_tokens)
     device = jax.devices()[0]
     with jax.default_device(device):
@@ -105,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "params_measured": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
         **common.device_info([device]),
         "dtype": args.dtype,
+        "attention": args.attention,
+        "xla_gpu_flags": bool(args.xla_gpu_flags),
+        "xla_gpu_flags_added": flags_added,
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,

@@ -7,7 +7,10 @@ The state is created sharded with `init_train_state` on a mesh of all devices, t
 jitted as `plm_jax.train.loop.compile_steps` does (state donated, explicit in/out shardings),
 and the batch is synthetic: random ids, every weight 1 (no padding), one segment per row.
 Compile time is `lower().compile()`; then `--warmup` untimed steps, then `--steps` steps each
-timed to `jax.block_until_ready`. Prints one JSON line (see benchmarks/README.md).
+timed to `jax.block_until_ready`. The steps call the jitted function, so the record can say
+whether any step after the first compiled again (`recompiled_after_first_step`) and whether
+jax warned that donated buffers were unusable (`donation_warnings`). Prints one JSON line
+(see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ log = logging.getLogger("benchmarks.train_throughput")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput")
     common.add_model_args(parser)
+    common.add_xla_flag_args(parser)
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--batch", type=int, required=True, help="global batch, in sequences")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -69,10 +73,33 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int) -> dict[str
     }
 
 
+def _run_steps(
+    step: Any, state: Any, batch: dict[str, jax.Array], warmup: int, steps: int
+) -> tuple[Any, Any, list[float], list[int]]:
+    """Runs `warmup` untimed then `steps` timed calls of the jitted step.
+
+    Returns:
+      (state, last metrics, the timed steps' seconds, XLA compilations during each call).
+    """
+    times, compiles = [], []
+    out = None
+    for i in range(warmup + steps):
+        with common.CompileCounter() as counter:
+            start = time.perf_counter()
+            state, out = step(state, batch)
+            jax.block_until_ready((state, out))
+            seconds = time.perf_counter() - start
+        compiles.append(counter.count)
+        if i >= warmup:
+            times.append(seconds)
+    return state, out, times, compiles
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, prints its record as one JSON line and returns it."""
     common.setup_logging()
     args = parse_args(argv)
+    flags_added = common.apply_xla_flags(args)  # before jax.devices() starts the backend
     model_cfg, overrides = common.model_config(args, min_seq_len=args.seq_len)
     devices = jax.devices()
     data, fsdp, tensor = args.mesh_sizes
@@ -112,24 +139,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
-    start = time.perf_counter()
-    with use_mesh(mesh, rules):
-        compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    log.info("compiled in %.2f s", compile_s)
-
     measured_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    with use_mesh(mesh, rules):
-        for _ in range(args.warmup):
-            state, out = compiled(state, batch)
-        jax.block_until_ready(state)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            state, out = compiled(state, batch)
-            jax.block_until_ready((state, out))
-            times.append(time.perf_counter() - start)
+    with common.donation_warnings() as donation, use_mesh(mesh, rules):
+        start = time.perf_counter()
+        compiled = step.lower(state, batch).compile()  # also fills `step`'s cache
+        compile_s = time.perf_counter() - start
+        log.info("compiled in %.2f s", compile_s)
+        state, out, times, compiles = _run_steps(step, state, batch, args.warmup, args.steps)
     last = jax.device_get(out)
+    # Executables in the jitted step's cache: 1 unless some call compiled another variant.
+    cache_size = step._cache_size() if hasattr(step, "_cache_size") else None  # private API
 
     real_tokens = float(last["train/tokens"])  # sum of weights: every target is real here
     padded_tokens = float(args.batch * args.seq_len)
@@ -151,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "dtype": args.dtype,
         "remat": args.remat,
         "scan_layers": bool(args.scan),
+        "attention": args.attention,
+        "xla_gpu_flags": bool(args.xla_gpu_flags),
+        "xla_gpu_flags_added": flags_added,
         "batch": args.batch,
         "seq_len": args.seq_len,
         "steps": args.steps,
@@ -172,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "peak_flops": peak,
         "peak_flops_source": peak_source,
         "compile_s": compile_s,
+        "compiles_first_step": compiles[0],
+        "compiles_after_first_step": sum(compiles[1:]),
+        "recompiled_after_first_step": sum(compiles[1:]) > 0 or (cache_size or 0) > 1,
+        "train_step_cache_size": cache_size,
+        "donation_warnings": donation,
         "peak_memory_bytes": common.peak_memory_bytes(devices),
         "compiled_memory_bytes": common.compiled_memory(compiled),
         "final_loss": float(last["train/loss"]),
