@@ -116,7 +116,8 @@ def load(path: str | Path) -> LoadedModel:
         tokenizer = _load_tokenizer(cfg, run_dir)
         model_cfg = resolve_vocab(cfg.model, tokenizer)
         tx = make_optimizer(cfg.train)
-        mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+        # Every process restores its own copy (in a multi-process run too).
+        mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
         shardings = state_shardings(model_cfg, tx, mesh, cfg.mesh.rules)
         abstract = sharded_abstract_state(model_cfg, tx, shardings)
         state, _, _ = checkpointer.restore(step, abstract)
@@ -157,10 +158,18 @@ def evaluate_model(lm: LoadedModel, data: str | None, *, batch_size: int | None)
         causal=masker is None,
     )
     graphdef, params = nnx.split(lm.model, nnx.Param)
-    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))  # replicated
+    # Replicated over all devices (of every process): from the host copy each process holds.
+    params = jax.device_put(jax.device_get(params), NamedSharding(mesh, PartitionSpec()))
     step = jax.jit(partial(eval_step, graphdef=graphdef), in_shardings=(None, batch_sharding(mesh)))
     loss_sum = tokens = 0.0
-    for local in eval_loader(windows, global_batch=batch, transform=masker):
+    loader = eval_loader(
+        windows,
+        global_batch=batch,
+        process_index=jax.process_index(),  # each process reads its rows of every batch
+        process_count=jax.process_count(),
+        transform=masker,
+    )
+    for local in loader:
         out = jax.device_get(step(params, shard_batch(local, mesh, batch)))
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])

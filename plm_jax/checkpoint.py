@@ -221,14 +221,16 @@ class Checkpointer:
           CorruptCheckpoint: the files fail verification or cannot be read.
           DataError: the checkpoint's arrays do not fit `abstract_state` (another architecture).
         """
-        self._verify(step, verify)
-        _check_shapes(self.read_metadata(step), abstract_state, self.directory / str(step))
+        verified = self._verify(step, verify)
+        with self._reading(step, verified):
+            metadata = self._manager.item_metadata(step)["state"]
+        _check_shapes(metadata, abstract_state, self.directory / str(step))
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(),
         )
-        with self._reading(step):
+        with self._reading(step, verified):
             restored = self._manager.restore(step, args=args)
         return restored["state"], restored["data"], restored["config"]
 
@@ -270,15 +272,18 @@ class Checkpointer:
         self._manager.reload()
         return str(target)
 
-    def _verify(self, step: int, verify: bool | None) -> None:
+    def _verify(self, step: int, verify: bool | None) -> bool:
+        """Raises CorruptCheckpoint when `step` fails its manifest; returns whether it was
+        verified ok (False: verification off, or no manifest)."""
         if not (self.cfg.verify if verify is None else verify):
-            return
+            return False
         status = self.check(step)
         if status.state == "corrupt":
             raise CorruptCheckpoint(
                 f"checkpoint {status.path} is corrupt ({status.detail}); an older checkpoint "
                 "or a backup is needed"
             )
+        return status.state == "ok"
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Restores only the parameters of `step` (no optimizer state is read).
@@ -286,15 +291,17 @@ class Checkpointer:
         Raises:
           DataError: the checkpoint's parameters do not fit `abstract_params`, or it is corrupt.
         """
-        self._verify(step, None)
+        verified = self._verify(step, None)
         target = {"params": abstract_params}
-        _check_shapes(self.read_metadata(step), target, self.directory / str(step))
+        with self._reading(step, verified):
+            metadata = self._manager.item_metadata(step)["state"]
+        _check_shapes(metadata, target, self.directory / str(step))
         args = ocp.args.PyTreeRestore(
             item=target,
             restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True,
         )
-        with self._reading(step), ocp.PyTreeCheckpointer() as reader:
+        with self._reading(step, verified), ocp.PyTreeCheckpointer() as reader:
             return reader.restore(self.directory / str(step) / "state", args=args)["params"]
 
     def restore_config(self, step: int) -> dict:
@@ -308,14 +315,23 @@ class Checkpointer:
             return self._manager.item_metadata(step)["state"]
 
     @contextlib.contextmanager
-    def _reading(self, step: int) -> Iterator[None]:
-        """Turns Orbax's errors about missing or unreadable items into CorruptCheckpoint."""
+    def _reading(self, step: int, verified: bool = False) -> Iterator[None]:
+        """Turns Orbax's read errors into one clear line: CorruptCheckpoint, unless the files
+        were just verified against their manifest (then the files are fine and the error is
+        something else, e.g. a sharding the arrays cannot take: DataError, nothing moved)."""
         try:
             yield
         except (KeyError, ValueError, OSError, TypeError) as e:
+            where, why = self.directory / str(step), f"{type(e).__name__}: {_brief(e)}"
+            if verified:
+                raise DataError(
+                    f"could not read checkpoint {where} although its files match their "
+                    f"checksums ({why}); the checkpoint is intact, check the model config, "
+                    "mesh and library versions"
+                ) from e
             raise CorruptCheckpoint(
-                f"checkpoint {self.directory / str(step)} is incomplete or corrupt "
-                f"({type(e).__name__}: {_brief(e)}); delete it to resume from an older one"
+                f"checkpoint {where} is incomplete or corrupt ({why}); training falls back "
+                "to an older checkpoint"
             ) from e
 
     def close(self) -> None:

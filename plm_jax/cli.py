@@ -19,7 +19,9 @@ from pathlib import Path
 import yaml
 
 from plm_jax import __version__
-from plm_jax.errors import ConfigError, NotYetAvailable, UserError
+from plm_jax.distributed import exit_on_failure
+from plm_jax.errors import ConfigError, DataError, NotYetAvailable, UserError
+from plm_jax.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 log = logging.getLogger("plm_jax")
 
@@ -37,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:  # Orbax (through absl) and jax log their internals at INFO/WARNING
         for name in ("absl", "jax", "orbax"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # Orbax logs a failed background save's traceback; plm_jax re-raises it as one line.
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_USER_ERROR
@@ -46,10 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"plm-jax: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exit_on_failure(EXIT_USER_ERROR)  # a multi-process run's process exits now
+    except Preempted as e:
+        print(f"plm-jax: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print("plm-jax: interrupted", file=sys.stderr)
-        return 130
+        return exit_on_failure(130)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +211,46 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--input", required=True, metavar="DIR")
     conv.add_argument("--output", required=True, metavar="DIR")
     conv.set_defaults(handler=cmd_convert)
+
+    ckpt = sub.add_parser("checkpoint", help="inspect a run's checkpoints")
+    ckpt_sub = ckpt.add_subparsers(title="checkpoint commands", metavar="ACTION")
+    verify = ckpt_sub.add_parser(
+        "verify",
+        help="report each checkpoint's state (ok, corrupt, unverified, uncommitted)",
+        description="Check every file of every checkpoint against its checksum manifest. "
+        "Exit 0 when the newest checkpoint is ok and none is corrupt, 2 otherwise.",
+    )
+    verify.add_argument("run", metavar="RUN_DIR")
+    verify.set_defaults(handler=cmd_checkpoint_verify)
+
+    launch = sub.add_parser(
+        "launch",
+        help="run pretrain/finetune/eval as N local processes of one multi-process JAX run",
+        description="Run `plm-jax COMMAND ...` as N local processes joined into one JAX cluster "
+        "(for tests and single-host clusters; see docs/multihost.md for Slurm and TPU VMs).",
+    )
+    launch.add_argument("--num-processes", "-n", type=int, required=True, metavar="N")
+    launch.add_argument(
+        "--devices-per-process",
+        type=int,
+        metavar="K",
+        help="CPU: K fake devices per process; GPU host: process i sees devices i*K..i*K+K-1",
+    )
+    launch.add_argument("--port", type=int, help="coordinator port (default: a free one)")
+    launch.add_argument(
+        "--grace-period",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="after one process fails, kill the others this much later",
+    )
+    launch.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND ...",
+        help="the plm-jax command to run, e.g. -- pretrain CONFIG.yaml train.steps=100",
+    )
+    launch.set_defaults(handler=cmd_launch)
     return parser
 
 
@@ -214,6 +261,20 @@ def _load(args: argparse.Namespace):
     if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):
         path, overrides = None, [path, *overrides]  # no file given, only overrides
     return load_config(path, overrides)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from plm_jax.launch import launch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return launch(
+        command,
+        num_processes=args.num_processes,
+        devices_per_process=args.devices_per_process,
+        port=args.port,
+        grace_period=args.grace_period,
+        debug=args.debug,
+    )
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -253,9 +314,13 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from plm_jax.config import config_to_dict
+    from plm_jax.distributed import initialize
     from plm_jax.train.loop import pretrain
+    from plm_jax.xla_flags import apply_gpu_flags
 
     cfg = _load(args)
+    apply_gpu_flags()  # on an NVIDIA GPU only, before jax starts its backend
+    initialize(cfg.distributed)  # before any device is touched
     if cfg.model.family == "encoder_decoder":
         raise NotYetAvailable(
             "model.family='encoder_decoder' pretraining lands with issue #6; use "
@@ -285,7 +350,7 @@ def _print_sample(cfg) -> None:
 
     import plm_jax
 
-    if jax.process_index() != 0:
+    if jax.process_count() > 1:  # process 0 alone in plm_jax.load would wait in Orbax barriers
         return
     lm = plm_jax.load(cfg.run_dir)
     if cfg.model.family == "encoder":
@@ -308,9 +373,13 @@ def _print_sample(cfg) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from plm_jax.config import config_to_dict
+    from plm_jax.distributed import initialize
     from plm_jax.tasks.finetune import finetune
+    from plm_jax.xla_flags import apply_gpu_flags
 
     cfg = _load(args)
+    apply_gpu_flags()  # on an NVIDIA GPU only, before jax starts its backend
+    initialize(cfg.distributed)  # before any device is touched
     log.info("resolved config:\n%s", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     final = finetune(cfg)
     if final.get("complete"):
@@ -386,7 +455,10 @@ def _is_task_run(path: str) -> bool:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import plm_jax
+    from plm_jax.config import DistributedConfig
+    from plm_jax.distributed import initialize
 
+    initialize(DistributedConfig())  # joins a cluster only when plm-jax launch set $PLM_JAX_*
     if _is_task_run(args.checkpoint):
         from plm_jax.tasks.predict import evaluate_task, load_task_run
 
@@ -540,6 +612,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"convert --from {args.src} --to {args.dst} is not a conversion; use --from hf "
             "(import a Hugging Face directory) or --to hf (export a plm_jax checkpoint)"
+        )
+    return 0
+
+
+def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
+    from plm_jax import integrity
+    from plm_jax.checkpoint import CORRUPT
+
+    directory = Path(args.run) / "checkpoints"
+    if not directory.is_dir():
+        raise DataError(f"{args.run!r} has no checkpoints/ directory; give a run directory")
+    found = integrity.scan(directory)
+    for status in found:
+        print(f"step {status.step:>8}  {status.state:<11}  {status.detail}")
+    moved = sorted(p.name for p in (directory / CORRUPT).glob("*"))
+    if moved:
+        print(f"{len(moved)} corrupt checkpoint(s) set aside in {directory / CORRUPT}: {moved}")
+    committed = [s for s in found if s.state != "uncommitted"]
+    if not committed:
+        raise DataError(f"no committed checkpoint in {directory}")
+    corrupt = [s.step for s in committed if s.state == "corrupt"]
+    if corrupt:
+        raise DataError(
+            f"checkpoints {corrupt} are corrupt; training falls back to the newest valid one "
+            "(and moves corrupt ones to checkpoints/.corrupt), eval/predict need a valid one"
         )
     return 0
 

@@ -12,7 +12,9 @@ the ones that depend on the device count (mesh sizes, batch divisibility). Neith
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DistributedConfig",
     "MeshConfig",
     "ModelConfig",
     "RunConfig",
@@ -283,6 +286,31 @@ class TaskConfig:
     version_2: bool = False  # QA: SQuAD v2 (unanswerable questions)
 
 
+ClusterDetection = Literal["none", "auto", "slurm", "ompi", "mpi4py", "gcetpu", "gketpu"]
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs (several hosts, or several processes on one host); see docs/multihost.md.
+
+    Empty values come from the environment `plm-jax launch` sets ($PLM_JAX_COORDINATOR,
+    $PLM_JAX_NUM_PROCESSES, $PLM_JAX_PROCESS_ID), or from JAX's cluster detection when
+    `cluster_detection` asks for it; with none of these the run is one process.
+    """
+
+    coordinator_address: str = ""  # host:port where process 0 serves the coordination service
+    num_processes: int = 0  # 0: from the environment or cluster detection (1 if neither)
+    process_id: int = -1  # -1: from the environment or cluster detection
+    # "none": only the values above; "auto": whatever JAX detects (single process if nothing);
+    # a JAX method name (jax.distributed.initialize's cluster_detection_method): that
+    # environment must be present.
+    cluster_detection: ClusterDetection = "none"
+    initialization_timeout: int = 300  # seconds for every process to connect
+    heartbeat_timeout: int = 100  # seconds of silence before a process counts as dead
+    shutdown_timeout: int = 300  # seconds process 0 waits for the others at exit
+    prepare_timeout: int = 7200  # seconds the others wait while process 0 prepares the data
+
+
 @dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -293,6 +321,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     init_from: str = ""
 
     @property
@@ -340,7 +369,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     if not isinstance(model_raw, dict):
         raise ConfigError(f"'model' must be a mapping of model settings, got {model_raw!r}")
     preset = model_raw.get("preset", ModelConfig.preset)
-    if preset not in MODEL_PRESETS:
+    if not isinstance(preset, str) or preset not in MODEL_PRESETS:
         raise ConfigError(
             f"model.preset={preset!r} is not a known preset; choose one of "
             f"{sorted(MODEL_PRESETS)}{_suggest(str(preset), list(MODEL_PRESETS))}"
@@ -387,7 +416,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} not found; pass an existing YAML file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: not UTF-8, or a 4300+ digit int
         first = " ".join(str(e).split())
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from e
     if data is None:
@@ -408,7 +437,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         )
     try:
         value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: an integer of 4300+ digits
         value = text  # not YAML: keep the raw string, the type check decides
     return key, value
 
@@ -435,13 +464,18 @@ def _suggest(key: str, candidates: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # slow: it evaluates every annotation string
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}; "
             f"write it as a YAML section or use {prefix}KEY=VALUE"
         )
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
@@ -465,6 +499,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(
                 f"unknown config key {leaf!r}: {prefix + f.name!r} is a value, not a section"
             )
+        elif typing.get_origin(kind) is dict and f.default_factory is not dataclasses.MISSING:
+            # A table (mesh.rules) keeps its defaults: `mesh.rules.embed=null` changes one entry.
+            value = _coerce(prefix + f.name, raw[f.name], kind)
+            kwargs[f.name] = {**f.default_factory(), **value}
         else:
             kwargs[f.name] = _coerce(prefix + f.name, raw[f.name], kind)
     return cls(**kwargs)
@@ -512,25 +550,32 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             return value
         raise ConfigError(f"{key}={value!r} must be true or false")
     if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if -(2**63) <= value < 2**63:
+                return value
+            raise ConfigError(f"{key}={value!r} is out of range; integers must fit in 64 bits")
         raise ConfigError(f"{key}={value!r} must be an integer")
     if kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} must be a number")
+                raise ConfigError(f"{key}={value!r} must be a number") from None
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        if not -1e308 < number < 1e308:  # also NaN, and ints float() cannot hold
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return float(number)
     if kind is str:
         if isinstance(value, str):
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
+        if type(value) is datetime.date:  # YAML reads run.name=2024-05-01 as a date
+            return value.isoformat()
         raise ConfigError(f"{key}={value!r} must be a string")
     raise TypeError(f"config field {key} has an unsupported annotation {kind!r}")
 
@@ -541,6 +586,15 @@ def _type_name(kind: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Validation.
+
+# The evaluation metrics each fine-tuning task reports (plm_jax.tasks), so that task.metric is
+# checked before training rather than at the first evaluation. Binary f1 needs two classes and
+# the HasAns/NoAns scores SQuAD v2 data.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1", "mcc", "f1", "loss"),
+    "regression": ("pearson", "spearman", "mse", "loss"),
+    "qa": ("f1", "exact_match", "HasAns_f1", "HasAns_exact_match", "NoAns_f1", "NoAns_exact_match"),
+}
 
 
 def validate(cfg: Config) -> None:
@@ -585,6 +639,26 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
+    int32 = {
+        "train.steps": t.steps,
+        "model.max_seq_len": m.max_seq_len,
+        "model.vocab_size": m.vocab_size,
+        "tokenizer.vocab_size": tok.vocab_size,
+    }
+    for key, value in int32.items():
+        if value >= 2**31:
+            raise ConfigError(
+                f"{key}={value} must be below 2**31: jax counts steps, positions and token ids "
+                "in int32"
+            )
+    if cfg.run.seed >= 2**32:
+        raise ConfigError(f"run.seed={cfg.run.seed} must be below 2**32 (jax and grain seeds)")
+    for key, value in {"train.beta1": t.beta1, "train.beta2": t.beta2}.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}={value} must be in [0, 1); AdamW uses 0.9 and 0.95-0.999")
+    for key, value in {"model.norm_eps": m.norm_eps, "model.rope_theta": m.rope_theta}.items():
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be positive")
     if not t.lr > 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
     if not 0 <= t.spike_window <= MAX_SPIKE_WINDOW:
@@ -668,10 +742,22 @@ def validate(cfg: Config) -> None:
     specials = [tok.pad_piece, tok.unk_piece, tok.bos_piece, tok.eos_piece]
     if any(not s for s in specials):
         raise ConfigError("tokenizer pad/unk/bos/eos pieces must be non-empty strings")
-    named = [*specials, *([tok.mask_piece] if tok.mask_piece else [])]
-    if len(set(named)) != len(named):
-        raise ConfigError(f"tokenizer special pieces must be distinct, got {named}")
+    named = [*specials, *([tok.mask_piece] if tok.mask_piece else []), *tok.user_defined_symbols]
+    if len(set(named)) != len(named) or not all(named):
+        raise ConfigError(
+            f"tokenizer special pieces must be distinct, got {named}; "
+            "user_defined_symbols too must be non-empty and differ from them"
+        )
+    if tok.max_train_bytes <= 0:
+        raise ConfigError(f"tokenizer.max_train_bytes={tok.max_train_bytes} must be positive")
+    metrics = TASK_METRICS.get(task.name, ())
+    if task.metric and metrics and task.metric not in metrics:
+        raise ConfigError(
+            f"task.metric={task.metric!r} is not reported for task.name={task.name}; choose "
+            f"one of {list(metrics)}{_suggest(task.metric, list(metrics))}, or '' for the default"
+        )
     _validate_rules(cfg.mesh)
+    validate_distributed(cfg.distributed)
 
 
 _MESH_AXES = ("data", "fsdp", "tensor")
@@ -679,19 +765,53 @@ _MESH_AXES = ("data", "fsdp", "tensor")
 
 def _validate_rules(mesh: MeshConfig) -> None:
     for name, target in mesh.rules.items():
-        axes = target if isinstance(target, list | tuple) else [target]
-        for axis in axes:
-            if axis is not None and axis not in _MESH_AXES:
-                raise ConfigError(
-                    f"mesh.rules.{name}={target!r} names an unknown mesh axis; "
-                    f"use null or one of {list(_MESH_AXES)}"
-                )
+        if name not in DEFAULT_AXIS_RULES:
+            raise ConfigError(
+                f"mesh.rules.{name} is not a logical axis"
+                f"{_suggest(name, list(DEFAULT_AXIS_RULES)) or f'; use {list(DEFAULT_AXIS_RULES)}'}"
+            )
+        axes = list(target) if isinstance(target, list | tuple) else [target]
+        known = [axis for axis in axes if axis in _MESH_AXES]
+        if target is not None and (len(known) != len(axes) or len(set(known)) != len(known)):
+            raise ConfigError(
+                f"mesh.rules.{name}={target!r} names an unknown mesh axis or repeats one; use "
+                f"null, one of {list(_MESH_AXES)} or a list of distinct ones"
+            )
     for size_key in _MESH_AXES:
         size = getattr(mesh, size_key)
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{size_key}={size} must be positive or -1 (the rest)")
     if sum(getattr(mesh, a) == -1 for a in _MESH_AXES) > 1:
         raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+def validate_distributed(dist: DistributedConfig, source: str = "") -> None:
+    """Checks the `distributed` section; `source` names where unset values came from.
+
+    Raises:
+      ConfigError: naming the key, its value and what to change.
+    """
+    for key in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+        if getattr(dist, key) <= 0:
+            raise ConfigError(f"distributed.{key}={getattr(dist, key)} must be positive (seconds)")
+    if dist.prepare_timeout <= 0:
+        raise ConfigError(f"distributed.prepare_timeout={dist.prepare_timeout} must be positive")
+    if dist.num_processes < 0:
+        raise ConfigError(
+            f"distributed.num_processes={dist.num_processes}{source} must be >= 0 (0: unset)"
+        )
+    if dist.process_id < -1 or (dist.num_processes and dist.process_id >= dist.num_processes):
+        raise ConfigError(
+            f"distributed.process_id={dist.process_id}{source} must be in "
+            f"[0, distributed.num_processes={dist.num_processes or '?'}), or -1 (unset)"
+        )
+    if dist.coordinator_address:
+        host, sep, port = dist.coordinator_address.rpartition(":")
+        if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(
+                f"distributed.coordinator_address={dist.coordinator_address!r}{source} is not "
+                "HOST:PORT; give process 0's host name or IP and a free port, e.g. 10.0.0.1:1234"
+            )
 
 
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
@@ -722,9 +842,28 @@ def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
 
 
 def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
-    """Checks the constraints that depend on the device count; returns the mesh shape."""
+    """Checks the constraints that depend on the device count, and those between the task and
+    the model (which `init_from` may have replaced since `validate`); returns the mesh shape."""
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)
-    m, t = cfg.model, cfg.train
+    m, t, task = cfg.model, cfg.train, cfg.task
+    pools = task.name in ("classification", "regression") and task.pooling == "pooler"
+    if pools and not (m.family == "encoder" and m.use_pooler):
+        raise ConfigError(
+            f"task.pooling=pooler needs an encoder with a pooler (model.family={m.family}, "
+            f"model.use_pooler={m.use_pooler}); use task.pooling=auto, cls, mean or last"
+        )
+    if m.family == "encoder" and not m.use_mlm_head and not task.name:
+        raise ConfigError(
+            "model.use_mlm_head=false: an encoder without its masked-LM head (e.g. a converted "
+            "BertModel) cannot be pretrained; set model.use_mlm_head=true, or task.name to "
+            "fine-tune it"
+        )
+    if task.name == "qa" and m.max_seq_len <= task.max_query_len + task.doc_stride:
+        raise ConfigError(
+            f"model.max_seq_len={m.max_seq_len} leaves no context beside "
+            f"task.max_query_len={task.max_query_len} question tokens and "
+            f"task.doc_stride={task.doc_stride} shared ones; raise max_seq_len or lower those"
+        )
     batch_shards = sizes["data"] * sizes["fsdp"]
     micro = t.batch_size // t.grad_accum
     if micro % batch_shards:

@@ -22,6 +22,7 @@ After the command returns, the parameters of the run's newest checkpoint are wri
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -152,6 +153,7 @@ def main() -> int:
     from plm_jax.cli import main as cli_main
     from plm_jax.config import load_config
 
+    logging.root.handlers.clear()  # what install() imported set up; the CLI sets its own
     code = cli_main(["pretrain", *overrides])
     run_dir = load_config(None, overrides).run_dir
     if (run_dir / "checkpoints").is_dir():

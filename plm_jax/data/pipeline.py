@@ -21,6 +21,7 @@ from plm_jax.data.masking import MlmMasker
 from plm_jax.data.packing import PackedWindows
 from plm_jax.data.prepare import PreparedData, prepare_data
 from plm_jax.data.sources import SourceStats, check_stats, iter_documents, resolve_files
+from plm_jax.distributed import primary_first
 from plm_jax.errors import DataError
 from plm_jax.tokenizer import Tokenizer, train_tokenizer
 
@@ -63,13 +64,17 @@ def load_or_train_tokenizer(cfg: Config, *, show_progress: bool = True) -> Token
     """
     if cfg.tokenizer.path:
         return Tokenizer.load(cfg.tokenizer.path)
-    run_tokenizer = cfg.run_dir / "tokenizer"
-    if (run_tokenizer / "tokenizer.model").is_file() or (
-        run_tokenizer / "tokenizer.json"
-    ).is_file():
-        return Tokenizer.load(run_tokenizer)  # SentencePiece, or a converted model's HF tokenizer
-    log.info("training a %d-piece tokenizer on %s", cfg.tokenizer.vocab_size, cfg.data.source)
-    return train_tokenizer_from_config(cfg.data, cfg, run_tokenizer, show_progress=show_progress)
+    # Several processes: process 0 trains it into the (shared) run directory, the others load it.
+    with primary_first("training the tokenizer", cfg.distributed.prepare_timeout):
+        run_tokenizer = cfg.run_dir / "tokenizer"
+        if (run_tokenizer / "tokenizer.model").is_file() or (
+            run_tokenizer / "tokenizer.json"
+        ).is_file():
+            return Tokenizer.load(run_tokenizer)  # SentencePiece, or an imported HF tokenizer
+        log.info("training a %d-piece tokenizer on %s", cfg.tokenizer.vocab_size, cfg.data.source)
+        return train_tokenizer_from_config(
+            cfg.data, cfg, run_tokenizer, show_progress=show_progress
+        )
 
 
 @dataclass
@@ -124,7 +129,8 @@ def build_pipeline(
     seq_len = cfg.model.max_seq_len
     masker = make_masker(cfg, tokenizer)
     causal = masker is None
-    prepared = prepare_data(cfg.data, tokenizer, show_progress=show_progress)
+    with primary_first("tokenizing the corpus", cfg.distributed.prepare_timeout):
+        prepared = prepare_data(cfg.data, tokenizer, show_progress=show_progress)  # 0 first
     train = prepared.train
     if train.num_tokens < seq_len + causal:
         raise DataError(
