@@ -126,7 +126,9 @@ def test_resume_mid_epoch_is_exact(tmp_path, tiny_run, sentiment):
 def test_sigterm_stops_fine_tuning_with_a_checkpoint_and_resumes_exactly(
     tmp_path, tiny_run, sentiment, monkeypatch
 ):
-    args = cls_args(sentiment) + ["train.steps=10", "checkpoint.save_every=5"]
+    # Every step logged: the preempted run logs its last step, and a mean over a log
+    # interval cut by the interruption would differ from the uninterrupted one.
+    args = cls_args(sentiment) + ["train.steps=10", "checkpoint.save_every=5", "train.log_every=1"]
     ft_mod.finetune(ft_config(tmp_path, args, tiny_run, name="whole"), show_progress=False)
     real, calls = ft_mod.shard_batch, [0]
 
