@@ -58,14 +58,18 @@ class ModelConfig:
     preset: str = "tiny"
     family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
     vocab_size: int = 0  # 0: take the tokenizer's vocabulary size
-    num_layers: int = 4
+    num_layers: int = 4  # encoder_decoder: the encoder's layers
+    num_decoder_layers: int = 0  # encoder_decoder only; 0: same as num_layers
     embed_dim: int = 128
     num_heads: int = 4
     num_kv_heads: int = 0  # 0: same as num_heads (multi-head); 1: multi-query; else grouped
     head_dim: int = 0  # 0: embed_dim // num_heads
     mlp_dim: int = 0  # 0: 4 * embed_dim
     max_seq_len: int = 128
-    position: Literal["learned", "rope"] = "learned"
+    # relative: T5's bucketed relative position bias (encoder_decoder only)
+    position: Literal["learned", "rope", "relative"] = "learned"
+    relative_buckets: int = 32  # position=relative: buckets per direction pair (T5: 32)
+    relative_max_distance: int = 128  # distances at or beyond this share the last bucket
     rope_theta: float = 10000.0
     # Llama 3.1+ frequency scaling of RoPE: "" for none, "llama3" with the four settings below.
     rope_scaling: Literal["", "llama3"] = ""
@@ -76,7 +80,8 @@ class ModelConfig:
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     norm_placement: Literal["pre", "post"] = "pre"  # post: BERT's x = Norm(x + Sublayer(x))
-    mlp: Literal["gelu", "gelu_exact", "swiglu"] = "gelu"  # gelu: tanh approximation (GPT-2)
+    # gelu: tanh approximation (GPT-2); relu: T5 v1.0; geglu: gated tanh-GELU (T5 v1.1)
+    mlp: Literal["gelu", "gelu_exact", "swiglu", "relu", "geglu"] = "gelu"
     use_bias: bool = True
     tie_embeddings: bool = True
     # Encoder only: token-type (segment A/B) embeddings, the [CLS] pooler and the MLM head.
@@ -90,6 +95,22 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
 
+
+# T5 (Raffel et al. 2020): pre-norm RMSNorm without biases, relative position buckets, an
+# input embedding shared by encoder and decoder; v1.0 (t5-small/base) ReLU and a tied head.
+_T5: dict[str, Any] = dict(
+    family="encoder_decoder",
+    vocab_size=32128,
+    max_seq_len=512,
+    position="relative",
+    relative_buckets=32,
+    relative_max_distance=128,
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    mlp="relu",
+    use_bias=False,
+    tie_embeddings=True,
+)
 
 _BERT: dict[str, Any] = dict(
     family="encoder",
@@ -155,6 +176,37 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "bert-base": dict(_BERT, num_layers=12, embed_dim=768, num_heads=12, mlp_dim=3072),
     "bert-large": dict(_BERT, num_layers=24, embed_dim=1024, num_heads=16, mlp_dim=4096),
     "bert-tiny": dict(_BERT, num_layers=2, embed_dim=128, num_heads=2, mlp_dim=512),
+    "t5-small": dict(
+        _T5,
+        num_layers=6,
+        num_decoder_layers=6,
+        embed_dim=512,
+        num_heads=8,
+        head_dim=64,
+        mlp_dim=2048,
+    ),
+    "t5-base": dict(
+        _T5,
+        num_layers=12,
+        num_decoder_layers=12,
+        embed_dim=768,
+        num_heads=12,
+        head_dim=64,
+        mlp_dim=3072,
+    ),
+    # A test size in the v1.1 style (gated GELU, untied head); vocabulary from the tokenizer.
+    "t5-tiny": dict(
+        {k: v for k, v in _T5.items() if k != "vocab_size"},
+        max_seq_len=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        embed_dim=64,
+        num_heads=4,
+        head_dim=16,
+        mlp_dim=128,
+        mlp="geglu",
+        tie_embeddings=False,
+    ),
 }
 
 
@@ -172,6 +224,9 @@ class TokenizerConfig:
     mask_piece: str = "<mask>"  # "" for no mask token
     user_defined_symbols: list[str] = field(default_factory=list)
     max_train_bytes: int = 200_000_000  # text sampled for training; the rest is not read
+    # Span corruption's <extra_id_0>..<extra_id_{n-1}>, added as user-defined pieces when a
+    # tokenizer is trained for model.family=encoder_decoder (T5: 100).
+    num_sentinels: int = 100
 
 
 @dataclass(frozen=True)
@@ -187,6 +242,10 @@ class DataConfig:
     # mask token, 10% a random token and 10% stay; whole words (all their pieces) at once.
     mask_prob: float = 0.15
     whole_word_mask: bool = False
+    # Span corruption (model.family=encoder_decoder): the share of each document's tokens
+    # replaced, in spans of this mean length, each span by one sentinel (T5: 0.15 and 3).
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
     cache_dir: str = ""  # "" means $PLM_JAX_CACHE or ~/.cache/plm_jax
     tokenize_threads: int = 0  # 0: all cores
     shard_tokens: int = 1 << 26  # tokens per on-disk shard
@@ -284,6 +343,17 @@ class TaskConfig:
     max_answer_len: int = 30  # QA: answer tokens at most
     null_threshold: float = 0.0  # QA v2: predict no answer when null score - best > this
     version_2: bool = False  # QA: SQuAD v2 (unanswerable questions)
+    # Translation: JSONL pairs (train_file/eval_file), or two aligned one-sentence-a-line files.
+    source_field: str = "source"
+    target_field: str = "target"
+    source_file: str = ""  # with target_file, instead of train_file
+    target_file: str = ""
+    max_target_len: int = 0  # target tokens with eos; 0: model.max_seq_len
+    overlong: Literal["truncate", "error"] = "truncate"  # pairs longer than the limits
+    label_smoothing: float = 0.0
+    beam_size: int = 4  # 1: greedy
+    length_penalty: float = 1.0
+    max_decode_len: int = 0  # 0: max_target_len
 
 
 ClusterDetection = Literal["none", "auto", "slurm", "ompi", "mpi4py", "gcetpu", "gketpu"]
@@ -627,6 +697,7 @@ def validate(cfg: Config) -> None:
     non_negative = {
         "model.vocab_size": m.vocab_size,
         "model.num_kv_heads": m.num_kv_heads,
+        "model.num_decoder_layers": m.num_decoder_layers,
         "model.head_dim": m.head_dim,
         "model.mlp_dim": m.mlp_dim,
         "train.warmup_steps": t.warmup_steps,
@@ -707,6 +778,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.type_vocab_size={m.type_vocab_size} must be >= 0")
     if m.rope_scaling and m.position != "rope":
         raise ConfigError("model.rope_scaling needs model.position=rope")
+    _validate_model_variants(m)
     task = cfg.task
     if not 0.0 <= task.holdout_fraction < 1.0:
         raise ConfigError(f"task.holdout_fraction={task.holdout_fraction} must be in [0, 1)")
@@ -719,8 +791,10 @@ def validate(cfg: Config) -> None:
             "task.max_query_len, task.doc_stride, task.n_best and task.max_answer_len must be "
             "positive"
         )
+    _validate_translation(task)
     if not 0.0 < d.mask_prob < 1.0:
         raise ConfigError(f"data.mask_prob={d.mask_prob} must be in (0, 1); BERT uses 0.15")
+    _validate_span_corruption(cfg)
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
     if not d.source:
@@ -758,6 +832,100 @@ def validate(cfg: Config) -> None:
         )
     _validate_rules(cfg.mesh)
     validate_distributed(cfg.distributed)
+
+
+def _validate_span_corruption(cfg: Config) -> None:
+    d, tok = cfg.data, cfg.tokenizer
+    if not 0.0 < d.noise_density < 1.0:
+        raise ConfigError(
+            f"data.noise_density={d.noise_density} must be in (0, 1): the share of each "
+            "document's tokens that span corruption replaces; T5 uses 0.15"
+        )
+    if not 1.0 <= d.mean_span_length < float("inf"):
+        raise ConfigError(
+            f"data.mean_span_length={d.mean_span_length} must be a number >= 1 (tokens per "
+            "noise span); T5 uses 3"
+        )
+    if tok.num_sentinels < 0:
+        raise ConfigError(f"tokenizer.num_sentinels={tok.num_sentinels} must be >= 0")
+    trains_sentinels = cfg.model.family == "encoder_decoder" and not tok.path
+    if trains_sentinels and tok.num_sentinels == 0 and not cfg.task.name:
+        raise ConfigError(
+            "tokenizer.num_sentinels=0: span-corruption pretraining of an encoder_decoder "
+            "model replaces each noise span by a sentinel piece; set tokenizer.num_sentinels "
+            "(T5: 100) or give a tokenizer with <extra_id_N> pieces in tokenizer.path"
+        )
+    if trains_sentinels and tok.num_sentinels + 5 + len(tok.user_defined_symbols) >= tok.vocab_size:
+        raise ConfigError(
+            f"tokenizer.num_sentinels={tok.num_sentinels} leaves no room in "
+            f"tokenizer.vocab_size={tok.vocab_size} after the special and user-defined pieces; "
+            "lower num_sentinels or raise vocab_size"
+        )
+
+
+def _validate_translation(task: TaskConfig) -> None:
+    if not task.source_field or not task.target_field:
+        raise ConfigError(
+            "task.source_field and task.target_field must name the JSON fields holding the texts"
+        )
+    if bool(task.source_file) != bool(task.target_file):
+        raise ConfigError(
+            f"task.source_file={task.source_file!r} and task.target_file={task.target_file!r}: "
+            "set both (two aligned text files, one sentence a line) or neither"
+        )
+    if task.source_file and task.train_file:
+        raise ConfigError(
+            "task.train_file and task.source_file/target_file both give training pairs; set "
+            "task.train_file='' to read the text files, or clear source_file and target_file"
+        )
+    for key in ("max_target_len", "max_decode_len"):
+        if getattr(task, key) < 0 or getattr(task, key) == 1:
+            raise ConfigError(
+                f"task.{key}={getattr(task, key)} must be 0 (the default length) or at least 2 "
+                "(a token and eos)"
+            )
+    if not 0.0 <= task.label_smoothing < 1.0:
+        raise ConfigError(
+            f"task.label_smoothing={task.label_smoothing} must be in [0, 1); 0.1 is common"
+        )
+    if task.beam_size < 1:
+        raise ConfigError(f"task.beam_size={task.beam_size} must be >= 1 (1: greedy search)")
+    if not abs(task.length_penalty) < float("inf"):  # also NaN
+        raise ConfigError(f"task.length_penalty={task.length_penalty} must be a finite number")
+
+
+def _validate_model_variants(m: ModelConfig) -> None:
+    """The position, MLP and norm variants each model family computes."""
+    if m.position == "relative" and m.family != "encoder_decoder":
+        raise ConfigError(
+            f"model.position=relative (T5's relative position buckets) needs "
+            f"model.family=encoder_decoder, not {m.family!r}; use learned or rope"
+        )
+    if m.family == "encoder_decoder" and m.position == "learned":
+        raise ConfigError(
+            "model.family=encoder_decoder supports model.position=relative (T5) or rope, not "
+            "learned; set model.position or pick a t5-* preset"
+        )
+    if m.family == "encoder_decoder" and m.norm_placement != "pre":
+        raise ConfigError(
+            "model.family=encoder_decoder is pre-norm (T5); set model.norm_placement=pre"
+        )
+    if m.position == "relative" and m.relative_buckets < 4:
+        raise ConfigError(
+            f"model.relative_buckets={m.relative_buckets} must be at least 4: the encoder "
+            "splits them by direction, then into exact and log-spaced distances (T5: 32)"
+        )
+    if m.position == "relative" and m.relative_max_distance <= m.relative_buckets // 2:
+        raise ConfigError(
+            f"model.relative_max_distance={m.relative_max_distance} must exceed "
+            f"model.relative_buckets // 2 = {m.relative_buckets // 2}, the distances that get "
+            "a bucket each (T5: 128 with 32 buckets)"
+        )
+    if m.family == "encoder" and m.use_mlm_head and m.mlp in ("relu", "geglu"):
+        raise ConfigError(
+            f"model.mlp={m.mlp} has no masked-LM head activation in the encoder; use gelu, "
+            "gelu_exact or swiglu, or set model.use_mlm_head=false"
+        )
 
 
 _MESH_AXES = ("data", "fsdp", "tensor")
@@ -858,12 +1026,34 @@ def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
             "BertModel) cannot be pretrained; set model.use_mlm_head=true, or task.name to "
             "fine-tune it"
         )
+    if task.name in ("classification", "regression", "qa") and m.family == "encoder_decoder":
+        raise ConfigError(
+            f"task.name={task.name} needs an encoder or decoder backbone, not "
+            "model.family=encoder_decoder; fine-tune encoder-decoders with task.name=translation"
+        )
+    if task.name == "translation" and m.family == "encoder":
+        raise ConfigError(
+            "task.name=translation needs a model that generates text (model.family="
+            "encoder_decoder or decoder), not an encoder"
+        )
+    if task.name == "translation" and task.layer_lr_decay < 1.0:
+        raise ConfigError(
+            f"task.layer_lr_decay={task.layer_lr_decay} is for classification, regression and "
+            "qa backbones; set task.layer_lr_decay=1 for translation"
+        )
     if task.name == "qa" and m.max_seq_len <= task.max_query_len + task.doc_stride:
         raise ConfigError(
             f"model.max_seq_len={m.max_seq_len} leaves no context beside "
             f"task.max_query_len={task.max_query_len} question tokens and "
             f"task.doc_stride={task.doc_stride} shared ones; raise max_seq_len or lower those"
         )
+    for key in ("max_target_len", "max_decode_len"):
+        if task.name == "translation" and getattr(task, key) > m.max_seq_len:
+            raise ConfigError(
+                f"task.{key}={getattr(task, key)} is longer than model.max_seq_len="
+                f"{m.max_seq_len}: decoder positions (and a decoder-only model's prompt plus "
+                f"completion) stay within max_seq_len; lower task.{key} or raise max_seq_len"
+            )
     batch_shards = sizes["data"] * sizes["fsdp"]
     micro = t.batch_size // t.grad_accum
     if micro % batch_shards:

@@ -339,8 +339,6 @@ def before_the_model(cfg: Config) -> None:
     mesh = make_mesh(cfg.mesh)
     for name in DEFAULT_AXIS_RULES:  # every logical axis the models name
         logical_to_sharding((name,), mesh, cfg.mesh.rules)
-    if cfg.model.family == "encoder_decoder":  # the CLI answers NotYetAvailable (issue #6)
-        return
     m = resolve_model_config(model_config(cfg))
     if cfg.task.name in ("classification", "regression"):
         resolve_pooling(m, cfg.task.pooling)
@@ -366,8 +364,6 @@ def up_to_compile(cfg: Config, *, lower: bool = False) -> bool:
 
 
 def _up_to_compile(cfg: Config, lower: bool) -> bool:
-    if cfg.model.family == "encoder_decoder":
-        return False
     m = model_config(cfg)
     if count_params(m) > PARAM_BUDGET or (m.num_layers > MAX_LAYERS and not m.use_scan_layers):
         return False
@@ -409,6 +405,9 @@ def _lower_train_step(cfg, m, tx, mesh, shardings) -> None:
         for k in ("inputs", "targets", "segment_ids", "positions")
     }
     batch["weights"] = jax.ShapeDtypeStruct((rows, length), jnp.float32)
+    if m.family == "encoder_decoder":  # span corruption's decoder side (length: any)
+        for k in ("decoder_inputs", "decoder_segment_ids", "decoder_positions"):
+            batch[k] = batch["inputs"]
     step = jax.jit(
         partial(train_step_module.train_step, **kwargs),
         in_shardings=(shardings, batch_sharding(mesh)),

@@ -1,7 +1,7 @@
-"""Weight conversion between plm_jax and Hugging Face GPT-2, LLaMA and BERT (`hf`).
+"""Weight conversion between plm_jax and Hugging Face GPT-2, LLaMA, BERT and T5 (`hf`).
 
 Module map: `hf` (config and parameter mapping, whole models), `hf_files` (config.json and
-safetensors I/O), `gpt2`, `llama` and `bert` (one family each), `rules` (the tensor-rule
+safetensors I/O), `gpt2`, `llama`, `bert` and `t5` (one family each), `rules` (the tensor-rule
 building blocks both directions share), `run` (whole run directories, for `plm-jax convert`).
 """
 

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints <-> plm_jax `Decoder` / `Encoder` parameters, without torch.
+"""Hugging Face checkpoints <-> plm_jax `Decoder` / `Encoder` / `EncoderDecoder` parameters,
+without torch.
 
 A Hugging Face checkpoint directory holds `config.json` and safetensors weights; reading and
 writing it lives in `hf_files.py` (no torch, no unpickling). The pipeline, each step pure:
@@ -7,7 +8,7 @@ writing it lives in `hf_files.py` (no torch, no unpickling). The pipeline, each 
       checked; the tensors settle optional heads, e.g. BERT's pooler)
   params_from_hf(cfg, hf_config, tensors) -> params: the nested pure dict of numpy arrays that
       `nnx.to_pure_dict(nnx.state(model, nnx.Param))` gives, ready for
-      `nnx.replace_by_pure_dict`; scanned layers are stacked on a leading axis
+      `nnx.replace_by_pure_dict`; scanned layers (each stack's) are stacked on a leading axis
   params_to_hf(cfg, params)         -> (hf_config, tensors), the exact inverse
   write_hf_checkpoint(dir, hf_config, tensors)
 `load_hf_model` and `save_hf_model` chain them for a whole model (`load_hf_decoder` and
@@ -19,8 +20,8 @@ used exactly once (known non-parameter buffers, equal copies and named dropped h
 every plm_jax parameter is filled, or a `DataError` names what is missing, left over or
 misshapen.
 
-What it leaves out: the per-family names and layouts (`gpt2.py`, `llama.py`, `bert.py`, on the
-rules of `rules.py`), file I/O (`hf_files.py`), tokenizers, and sharded writing.
+What it leaves out: the per-family names and layouts (`gpt2.py`, `llama.py`, `bert.py`,
+`t5.py`, on the rules of `rules.py`), file I/O (`hf_files.py`), tokenizers, and sharded writing.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from plm_jax.convert.gpt2 import GPT2
 from plm_jax.convert.hf_files import quote_names, read_hf_checkpoint, write_hf_checkpoint
 from plm_jax.convert.llama import LLAMA
 from plm_jax.convert.rules import Family, TensorRule
+from plm_jax.convert.t5 import T5
 from plm_jax.errors import ConfigError, DataError
-from plm_jax.models import Decoder, Encoder, resolve_model_config
+from plm_jax.models import Decoder, Encoder, EncoderDecoder, resolve_model_config
 from plm_jax.train.state import model_graphdef
 
 __all__ = [
@@ -61,7 +63,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2, LLAMA, BERT)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2, LLAMA, BERT, T5)}
 
 Params = dict[Any, Any]  # nested pure dict of arrays, as `nnx.to_pure_dict` gives
 
@@ -107,7 +109,8 @@ def model_config_from_hf(
         tensors they follow `architectures`.
 
     Returns:
-      The ModelConfig (family "decoder" for GPT-2/LLaMA, "encoder" for BERT).
+      The ModelConfig (family "decoder" for GPT-2/LLaMA, "encoder" for BERT,
+      "encoder_decoder" for T5).
 
     Raises:
       ConfigError: an unsupported model_type/architecture, or any option that changes the
@@ -174,22 +177,29 @@ def _unflatten(flat: dict[tuple, Any]) -> Params:
     return tree
 
 
-def _stack_layers(flat: dict[tuple, Any], num_layers: int) -> dict[tuple, Any]:
-    """("blocks", i, *rest) for each i -> ("blocks", *rest) stacked on a leading layers axis."""
-    out = {p: v for p, v in flat.items() if p[0] != "blocks"}
-    rests = {p[2:] for p in flat if p[0] == "blocks"}
-    for rest in rests:
-        out[("blocks", *rest)] = np.stack([flat[("blocks", i, *rest)] for i in range(num_layers)])
+def _layer_stacks(cfg: ModelConfig) -> dict[str, int]:
+    """{top-level name of a stack of blocks: its number of layers}."""
+    if cfg.family == "encoder_decoder":
+        return {"encoder_blocks": cfg.num_layers, "decoder_blocks": cfg.num_decoder_layers}
+    return {"blocks": cfg.num_layers}
+
+
+def _stack_layers(flat: dict[tuple, Any], stacks: dict[str, int]) -> dict[tuple, Any]:
+    """(stack, i, *rest) for each i -> (stack, *rest) stacked on a leading layers axis."""
+    out = {p: v for p, v in flat.items() if p[0] not in stacks}
+    for stack, num_layers in stacks.items():
+        for rest in {p[2:] for p in flat if p[0] == stack}:
+            out[(stack, *rest)] = np.stack([flat[(stack, i, *rest)] for i in range(num_layers)])
     return out
 
 
-def _unstack_layers(flat: dict[tuple, Any], num_layers: int) -> dict[tuple, Any]:
+def _unstack_layers(flat: dict[tuple, Any], stacks: dict[str, int]) -> dict[tuple, Any]:
     """The inverse of `_stack_layers`."""
-    out = {p: v for p, v in flat.items() if p[0] != "blocks"}
+    out = {p: v for p, v in flat.items() if p[0] not in stacks}
     for path, value in flat.items():
-        if path[0] == "blocks":
-            for i in range(num_layers):
-                out[("blocks", i, *path[1:])] = value[i]
+        if path[0] in stacks:
+            for i in range(stacks[path[0]]):
+                out[(path[0], i, *path[1:])] = value[i]
     return out
 
 
@@ -275,7 +285,7 @@ def params_from_hf(
             "config; the checkpoint holds a variant plm_jax does not convert"
         )
     if cfg.use_scan_layers:
-        flat = _stack_layers(flat, cfg.num_layers)
+        flat = _stack_layers(flat, _layer_stacks(cfg))
     abstract = _abstract_params(cfg)
     if set(flat) != set(abstract):  # the rule tables and the model disagree: a bug here
         differ = sorted(_path_name(p) for p in set(flat) ^ set(abstract))
@@ -344,7 +354,7 @@ def params_to_hf(
     """Maps plm_jax parameters onto a Hugging Face checkpoint; the inverse of `params_from_hf`.
 
     Args:
-      model_cfg: the model's config; it must be expressible as GPT-2, LLaMA or BERT.
+      model_cfg: the model's config; it must be expressible as GPT-2, LLaMA, BERT or T5.
       params: the nested pure dict `nnx.to_pure_dict(nnx.state(model, nnx.Param))` (numpy or
         jax arrays; scanned layers stacked on a leading axis when `use_scan_layers`).
 
@@ -375,12 +385,14 @@ def params_to_hf(
             )
     flat = {p: np.asarray(v) for p, v in flat.items()}
     if cfg.use_scan_layers:
-        flat = _unstack_layers(flat, cfg.num_layers)
+        flat = _unstack_layers(flat, _layer_stacks(cfg))
     prefix = family.prefix if family.export_prefix is None else family.export_prefix(cfg)
     tensors = {}
     for rule in family.rules(cfg, prefix):
         tensors[rule.hf_name] = np.ascontiguousarray(rule.to_hf(*(flat[p] for p in rule.paths)))
     for copy, source in family.copies(cfg, prefix).items():
+        if family.buffers.fullmatch(copy):  # read from older checkpoints only (T5's)
+            continue
         tensors[copy] = tensors[source].copy()  # safetensors refuses shared memory
     hf_config = family.config_to_hf(cfg)
     dtypes = {str(x.dtype) for x in tensors.values()}
@@ -399,8 +411,8 @@ def load_hf_model(
     dtype: str = "float32",
     param_dtype: str = "float32",
     use_scan_layers: bool = False,
-) -> Decoder | Encoder:
-    """The plm_jax model holding a Hugging Face GPT-2, LLaMA or BERT checkpoint's weights.
+) -> Decoder | Encoder | EncoderDecoder:
+    """The plm_jax model holding a Hugging Face GPT-2, LLaMA, BERT or T5 checkpoint's weights.
 
     Args:
       path: the checkpoint directory (config.json + safetensors).
@@ -409,8 +421,8 @@ def load_hf_model(
       use_scan_layers: stack the layers for `nnx.scan`.
 
     Returns:
-      The model (`Decoder` or `Encoder`, built by `models.build_model`); `model.cfg` is its
-      resolved config.
+      The model (`Decoder`, `Encoder` or `EncoderDecoder`, built by `models.build_model`);
+      `model.cfg` is its resolved config.
 
     Raises:
       DataError, ConfigError: as `read_hf_checkpoint`, `model_config_from_hf`,
@@ -429,7 +441,7 @@ def load_hf_model(
     return nnx.merge(graphdef, state)
 
 
-def save_hf_model(model: Decoder | Encoder, path: str | Path) -> None:
+def save_hf_model(model: Decoder | Encoder | EncoderDecoder, path: str | Path) -> None:
     """Writes a plm_jax model as a Hugging Face checkpoint directory (`params_to_hf` + write)."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     write_hf_checkpoint(path, *params_to_hf(model.cfg, params))

@@ -1,7 +1,9 @@
-"""Transformer language models in Flax NNX: decoders (GPT-2, LLaMA) and encoders (BERT).
+"""Transformer language models in Flax NNX: decoders (GPT-2, LLaMA), encoders (BERT) and
+encoder-decoders (T5).
 
 Module map: `layers` (the parameter helper, embeddings, norms, MLPs, RoPE), `attention`,
-`transformer` (Block, Decoder, KVCache, LmOutput), `encoder` (Encoder, EncoderOutput), `sizes`
+`transformer` (Block, Decoder, KVCache, LmOutput), `encoder` (Encoder, EncoderOutput),
+`encoder_decoder` (EncoderDecoder, Seq2SeqCache, relative position bias), `sizes`
 (resolved sizes, parameter counts). `build_model` picks the class from `model.family`.
 Nothing here imports `plm_jax.train`, `plm_jax.data` or `plm_jax.cli`, and no model sees a Mesh.
 """
@@ -11,10 +13,13 @@ from flax import nnx
 from plm_jax.config import ModelConfig
 from plm_jax.models.attention import Attention, attention_mask
 from plm_jax.models.encoder import Encoder, EncoderOutput
+from plm_jax.models.encoder_decoder import EncoderDecoder, RelativePositionBias, Seq2SeqCache
 from plm_jax.models.layers import (
     Embed,
+    GegluMlp,
     GeluMlp,
     LayerNorm,
+    ReluMlp,
     RMSNorm,
     SwiGluMlp,
     apply_rope,
@@ -30,12 +35,17 @@ __all__ = [
     "Decoder",
     "Embed",
     "Encoder",
+    "EncoderDecoder",
     "EncoderOutput",
+    "GegluMlp",
     "GeluMlp",
     "KVCache",
     "LayerNorm",
     "LmOutput",
     "RMSNorm",
+    "RelativePositionBias",
+    "ReluMlp",
+    "Seq2SeqCache",
     "SwiGluMlp",
     "apply_rope",
     "attention_mask",
@@ -48,14 +58,18 @@ __all__ = [
 ]
 
 
-MODEL_CLASSES: dict[str, type[nnx.Module]] = {"decoder": Decoder, "encoder": Encoder}
+MODEL_CLASSES: dict[str, type[nnx.Module]] = {
+    "decoder": Decoder,
+    "encoder": Encoder,
+    "encoder_decoder": EncoderDecoder,
+}
 
 
-def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Decoder | Encoder:
+def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Decoder | Encoder | EncoderDecoder:
     """The model class of `cfg.family`, built from `rngs`.
 
     Raises:
-      ValueError: a family without a model class here (encoder_decoder lands with issue #6).
+      ValueError: a family without a model class here.
     """
     if cfg.family not in MODEL_CLASSES:
         raise ValueError(

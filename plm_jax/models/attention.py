@@ -1,4 +1,5 @@
-"""Self-attention with packed-document masks, MHA / GQA / MQA, RoPE and a KV buffer.
+"""Self- and cross-attention with packed-document masks, MHA / GQA / MQA, RoPE, an additive
+logit bias (T5's relative positions) and a KV buffer.
 
 One mask rule serves training, prefill and decoding (`attention_mask`): a query attends to a key
 when both carry the same nonzero segment id and, for decoders (causal), the key's slot is not
@@ -90,6 +91,16 @@ class Attention(nnx.Module):
         self.implementation = implementation
         self.dtype = dtype
 
+    def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [B, S, D] -> (k, v), each [B, S, K, H]: the keys and values x offers (unrotated).
+
+        Cross-attention computes them once from the encoder output (`cross_kv` below).
+        """
+        w_k, w_v = (p[...].astype(self.dtype) for p in (self.w_k, self.w_v))
+        k = add_bias(jnp.einsum("BLD,DKH->BLKH", x, w_k), self.b_k)
+        v = add_bias(jnp.einsum("BLD,DKH->BLKH", x, w_v), self.b_v)
+        return k, v
+
     def __call__(
         self,
         x: jax.Array,
@@ -98,35 +109,44 @@ class Attention(nnx.Module):
         rope: tuple[jax.Array, jax.Array] | None = None,
         kv: tuple[jax.Array, jax.Array] | None = None,
         write_index: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        cross_kv: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Attends from x to itself, or to a KV buffer that x's keys/values are written into.
+        """Attends from x to itself, to a KV buffer that x's keys/values are written into, or
+        (cross-attention) to given keys/values.
 
         Args:
           x: [B, L, D] in the compute dtype.
           mask: [B, 1, L, S] bool from `attention_mask` (S = L without a buffer).
-          rope: (cos, sin), each [B, L, 1, H], or None for no rotation.
+          rope: (cos, sin), each [B, L, 1, H], or None for no rotation (with `cross_kv`, only
+            the queries would turn).
           kv: this layer's (k, v) buffers, each [B, S, K, H], or None.
           write_index: [] int, the buffer slot of x's first token (only with `kv`).
+          bias: [B or 1, N, L, S] float added to the scaled logits (T5's relative position
+            bias), or None.
+          cross_kv: (k, v), each [B, S, K, H] from `project_kv` of another sequence, attended
+            instead of x's own keys/values (not with `kv`).
 
         Returns:
           ([B, L, D], the updated (k, v) buffers or None).
         """
-        w_q, w_k, w_v, w_o = (
-            p[...].astype(self.dtype) for p in (self.w_q, self.w_k, self.w_v, self.w_o)
-        )
+        w_q, w_o = (p[...].astype(self.dtype) for p in (self.w_q, self.w_o))
         q = add_bias(jnp.einsum("BLD,DNH->BLNH", x, w_q), self.b_q)
-        k = add_bias(jnp.einsum("BLD,DKH->BLKH", x, w_k), self.b_k)
-        v = add_bias(jnp.einsum("BLD,DKH->BLKH", x, w_v), self.b_v)
+        k, v = self.project_kv(x) if cross_kv is None else cross_kv
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q = apply_rope(q, *rope)
+            k = k if cross_kv is not None else apply_rope(k, *rope)
         if kv is not None:
             start = (0, write_index, 0, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-        # Logits and softmax run in float32 inside dot_product_attention.
+        if bias is not None and self.implementation is not None:
+            bias = bias.astype(q.dtype)  # fused kernels take the bias in the compute dtype
+        # Logits and softmax run in float32 inside dot_product_attention (XLA adds a float32
+        # bias to the float32 logits).
         out = jax.nn.dot_product_attention(
-            q, k, v, bias=None, mask=mask, implementation=self.implementation
+            q, k, v, bias=bias, mask=mask, implementation=self.implementation
         )
         y = jnp.einsum("BLNH,NHD->BLD", out, w_o)
         return add_bias(y, self.b_o), kv

@@ -14,6 +14,7 @@ statistics and the rotary rotation run in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -28,9 +29,11 @@ from plm_jax.config import ModelConfig
 __all__ = [
     "INIT_STD",
     "Embed",
+    "GegluMlp",
     "GeluMlp",
     "LayerNorm",
     "RMSNorm",
+    "ReluMlp",
     "RopeScaling",
     "SwiGluMlp",
     "apply_rope",
@@ -209,8 +212,22 @@ class GeluMlp(nnx.Module):
         )
 
 
+class ReluMlp(GeluMlp):
+    """T5 v1.0 MLP: `relu(x W_in + b_in) W_out + b_out` (T5 has no biases: use_bias=False)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, L, D] -> [B, L, D]."""
+        h = add_bias(jnp.einsum("BLD,DF->BLF", x, self.w_in[...].astype(self.dtype)), self.b_in)
+        return add_bias(
+            jnp.einsum("BLF,FD->BLD", jax.nn.relu(h), self.w_out[...].astype(self.dtype)),
+            self.b_out,
+        )
+
+
 class SwiGluMlp(nnx.Module):
     """LLaMA MLP (Shazeer 2020): `(silu(x W_gate) * x W_up) W_down`; biases only if use_bias."""
+
+    activation = staticmethod(jax.nn.silu)  # the gate's nonlinearity
 
     def __init__(
         self,
@@ -237,10 +254,17 @@ class SwiGluMlp(nnx.Module):
         """x: [B, L, D] -> [B, L, D]."""
         gate = jnp.einsum("BLD,DF->BLF", x, self.w_gate[...].astype(self.dtype))
         up = jnp.einsum("BLD,DF->BLF", x, self.w_up[...].astype(self.dtype))
-        h = jax.nn.silu(add_bias(gate, self.b_gate)) * add_bias(up, self.b_up)
+        h = self.activation(add_bias(gate, self.b_gate)) * add_bias(up, self.b_up)
         return add_bias(
             jnp.einsum("BLF,FD->BLD", h, self.w_down[...].astype(self.dtype)), self.b_down
         )
+
+
+class GegluMlp(SwiGluMlp):
+    """T5 v1.1 MLP (Shazeer 2020): `(gelu(x W_gate) * x W_up) W_down` with the tanh GELU
+    (transformers' `gelu_new`); the same weights as `SwiGluMlp`."""
+
+    activation = staticmethod(functools.partial(jax.nn.gelu, approximate=True))
 
 
 class RopeScaling(NamedTuple):

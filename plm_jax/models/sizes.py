@@ -25,8 +25,9 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     """Fills the sizes left at 0 and checks what the model itself needs.
 
     num_kv_heads 0 -> num_heads; head_dim 0 -> embed_dim // num_heads; mlp_dim 0 -> 4 * embed_dim
-    for GELU, or LLaMA's rule for SwiGLU: int(2/3 * 4 * embed_dim) (as many parameters as a 4x
-    GELU MLP), rounded up to a multiple of 256.
+    for GELU and ReLU, or LLaMA's rule for the gated SwiGLU and GeGLU: int(2/3 * 4 * embed_dim)
+    (as many parameters as a 4x GELU MLP), rounded up to a multiple of 256; an encoder-decoder's
+    num_decoder_layers 0 -> num_layers.
 
     Raises:
       ValueError: vocab_size not positive, or heads that do not divide.
@@ -48,15 +49,19 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
             f"{cfg.num_heads}; set model.head_dim explicitly or pick a dividing head count"
         )
     mlp_dim = cfg.mlp_dim
-    if not mlp_dim and cfg.mlp in ("gelu", "gelu_exact"):
+    if not mlp_dim and cfg.mlp in ("gelu", "gelu_exact", "relu"):
         mlp_dim = 4 * cfg.embed_dim
     elif not mlp_dim:
         mlp_dim = 256 * math.ceil(int(2 * 4 * cfg.embed_dim / 3) / 256)
+    decoder_layers = cfg.num_decoder_layers
+    if cfg.family == "encoder_decoder":
+        decoder_layers = decoder_layers or cfg.num_layers
     return dataclasses.replace(
         cfg,
         num_kv_heads=kv_heads,
         head_dim=cfg.head_dim or cfg.embed_dim // cfg.num_heads,
         mlp_dim=mlp_dim,
+        num_decoder_layers=decoder_layers,
     )
 
 
@@ -67,13 +72,13 @@ def _pick(table: dict[str, Any], key: str, field: str) -> Any:
 
 
 def count_params(cfg: ModelConfig) -> int:
-    """Closed-form parameter count of `Decoder(cfg)` or, for family "encoder", `Encoder(cfg)`.
+    """Closed-form parameter count of `Decoder(cfg)`, `Encoder(cfg)` or `EncoderDecoder(cfg)`.
 
     With D embed, V vocab, P max_seq_len, N/K heads, H head dim, F mlp dim, b = use_bias:
       embeddings  V*D, plus P*D for learned positions (none for RoPE)
       norm        2D for LayerNorm with bias, else D (LayerNorm without bias, RMSNorm)
       attention   D*N*H (q) + 2*D*K*H (k, v) + N*H*D (o) + b*(N*H + 2*K*H + D)
-      mlp         GELU: 2*D*F + b*(F + D);  SwiGLU: 3*D*F + b*(2F + D)
+      mlp         GELU, ReLU: 2*D*F + b*(F + D);  SwiGLU, GeGLU: 3*D*F + b*(2F + D)
       total       embeddings + layers * (2 norm + attention + mlp) + norm + (0 tied | D*V)
     GPT-2 124M: 124,439,808. Llama 3.2 1B: 1,235,814,400.
 
@@ -81,20 +86,30 @@ def count_params(cfg: ModelConfig) -> int:
     instead of the final norm (pre-norm), a pooler D*D + b*D, and an MLM head D*D + b*D + norm
     + b*V. BERT-base: 109,482,240 with the pooler (`BertModel`), 110,104,890 with the MLM
     head too.
+
+    An encoder-decoder (E encoder, L decoder layers, R relative buckets) shares the embeddings:
+      V*D + E * (2 norm + attention + mlp) + L * (3 norm + 2 attention + mlp) + 2 norm
+      + 2*R*N (relative bias tables; none for RoPE) + (0 tied | D*V)
+    t5-small: 60,506,624 (HF `T5ForConditionalGeneration`, t5-small); t5-base: 222,903,552.
     """
     c = resolve_model_config(cfg)
     d, v, f, b = c.embed_dim, c.vocab_size, c.mlp_dim, int(c.use_bias)
     n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
     norm = _pick({"layernorm": d * (1 + b), "rmsnorm": d}, c.norm, "norm")
     attention = d * n * h + 2 * d * k * h + n * h * d + b * (n * h + 2 * k * h + d)
-    gelu = 2 * d * f + b * (f + d)
-    mlp = _pick(
-        {"gelu": gelu, "gelu_exact": gelu, "swiglu": 3 * d * f + b * (2 * f + d)}, c.mlp, "mlp"
+    gelu, gated = 2 * d * f + b * (f + d), 3 * d * f + b * (2 * f + d)
+    mlps = {"gelu": gelu, "gelu_exact": gelu, "relu": gelu, "swiglu": gated, "geglu": gated}
+    mlp = _pick(mlps, c.mlp, "mlp")
+    positions = _pick(
+        {"learned": c.max_seq_len * d, "rope": 0, "relative": 0}, c.position, "position"
     )
-    positions = _pick({"learned": c.max_seq_len * d, "rope": 0}, c.position, "position")
     embeddings = v * d + positions
     head = 0 if c.tie_embeddings else d * v
     blocks = c.num_layers * (2 * norm + attention + mlp)
+    if c.family == "encoder_decoder":
+        relative = 2 * c.relative_buckets * n if c.position == "relative" else 0
+        decoder = c.num_decoder_layers * (3 * norm + 2 * attention + mlp)
+        return v * d + blocks + decoder + 2 * norm + relative + head
     if c.family != "encoder":
         return embeddings + blocks + norm + head
     pooler = (d * d + b * d) if c.use_pooler else 0

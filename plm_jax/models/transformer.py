@@ -31,8 +31,10 @@ from plm_jax.models.attention import ATTENTION_IMPLEMENTATIONS, Attention, atten
 from plm_jax.models.layers import (
     INIT_STD,
     Embed,
+    GegluMlp,
     GeluMlp,
     LayerNorm,
+    ReluMlp,
     RMSNorm,
     SwiGluMlp,
     dropout,
@@ -73,6 +75,8 @@ MLPS: dict[str, Callable[..., nnx.Module]] = {
     "gelu": GeluMlp,
     "gelu_exact": functools.partial(GeluMlp, approximate=False),
     "swiglu": SwiGluMlp,
+    "relu": ReluMlp,
+    "geglu": GegluMlp,
 }
 # Remat is applied per block; "full" saves nothing and recomputes the whole block backward.
 REMAT_POLICIES: dict[str, Callable[[Callable], Callable]] = {
