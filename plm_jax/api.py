@@ -7,6 +7,7 @@
     model.evaluate()                              # loss/perplexity on the held-out split
     model.embed(["Hello, my dog is cute"])        # hidden states + pooled vector (any model)
     model.fill_mask(["Return the <mask> value."]) # masked-LM predictions (encoders)
+    model.transform(["Return the <extra_id_0>."]) # beam-search outputs (encoder-decoders)
 
 The checkpoint's own saved config rebuilds the model, so no YAML is needed; a Hugging Face
 directory is imported first (`plm-jax convert --from hf`). What it leaves out: fine-tuned task
@@ -29,7 +30,7 @@ from plm_jax.checkpoint import Checkpointer, locate_checkpoint
 from plm_jax.config import Config, MeshConfig, config_from_dict
 from plm_jax.data.loader import eval_loader
 from plm_jax.data.packing import PackedWindows
-from plm_jax.data.pipeline import make_masker
+from plm_jax.data.pipeline import make_masker, make_span_corruption
 from plm_jax.data.prepare import prepare_data
 from plm_jax.errors import ConfigError, DataError
 from plm_jax.infer import (
@@ -42,7 +43,7 @@ from plm_jax.infer import (
     generate,
     score_texts,
 )
-from plm_jax.models import Decoder, Encoder
+from plm_jax.models import Decoder, Encoder, EncoderDecoder
 from plm_jax.sharding import batch_sharding, make_mesh, shard_batch
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.loop import resolve_vocab
@@ -53,9 +54,10 @@ from plm_jax.train.step import eval_step
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A trained decoder or encoder with its tokenizer and config, ready for inference."""
+    """A trained decoder, encoder or encoder-decoder with its tokenizer and config, ready for
+    inference."""
 
-    model: Decoder | Encoder
+    model: Decoder | Encoder | EncoderDecoder
     tokenizer: Tokenizer
     config: Config
     step: int
@@ -82,6 +84,21 @@ class LoadedModel:
         """Predictions at each mask token (see `plm_jax.infer.fill_mask`); MLM encoders only."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         return fill_mask(self.model, self.tokenizer, texts, **kwargs)
+
+    def transform(self, texts: list[str] | str, **kwargs: Any) -> list[str]:
+        """The encoder-decoder's output text for each input (beam search; see
+        `plm_jax.infer.decode_texts`): span fills after pretraining, translations after
+        fine-tuning on a translation task."""
+        if not isinstance(self.model, EncoderDecoder):
+            raise ConfigError(
+                f"transform needs an encoder-decoder; {self.path} holds a "
+                f"model.family={self.config.model.family!r} model. Use generate or fill_mask"
+            )
+        from plm_jax.infer.seq2seq import decode_texts
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        kwargs.setdefault("max_source_len", self.config.model.max_seq_len)
+        return decode_texts(self.model, self.tokenizer, texts, **kwargs)
 
     def _need_decoder(self, what: str) -> None:
         if not isinstance(self.model, Decoder):
@@ -149,10 +166,13 @@ def evaluate_model(lm: LoadedModel, data: str | None, *, batch_size: int | None)
         raise DataError(f"run {cfg.run_dir} has no held-out split; pass --data FILE")
     mesh = make_mesh(MeshConfig(), devices=jax.devices())
     batch = -(-batch // mesh.size) * mesh.size  # every device gets whole rows
-    masker = make_masker(cfg, lm.tokenizer)  # an encoder is evaluated on fixed MLM masks
+    # Encoders are evaluated on fixed MLM masks, encoder-decoders on fixed span corruptions
+    # (of longer raw windows, as in training).
+    corruption = make_span_corruption(cfg, lm.tokenizer)
+    masker = corruption or make_masker(cfg, lm.tokenizer)
     windows = PackedWindows(
         store,
-        cfg.model.max_seq_len,
+        corruption.raw_len if corruption else cfg.model.max_seq_len,
         lm.tokenizer.pad_id,
         pad_to_multiple=batch,
         causal=masker is None,

@@ -20,7 +20,7 @@ import yaml
 
 from plm_jax import __version__
 from plm_jax.distributed import exit_on_failure
-from plm_jax.errors import ConfigError, DataError, NotYetAvailable, UserError
+from plm_jax.errors import ConfigError, DataError, UserError
 from plm_jax.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 log = logging.getLogger("plm_jax")
@@ -321,11 +321,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _load(args)
     apply_gpu_flags()  # on an NVIDIA GPU only, before jax starts its backend
     initialize(cfg.distributed)  # before any device is touched
-    if cfg.model.family == "encoder_decoder":
-        raise NotYetAvailable(
-            "model.family='encoder_decoder' pretraining lands with issue #6; use "
-            "model.family=decoder or encoder"
-        )
     log.info("resolved config:\n%s", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     final = pretrain(cfg)
     if final.get("complete"):
@@ -342,6 +337,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 SAMPLE_PROMPT = "Return the"
 FILL_MASK_SAMPLE = "Return the {mask} value of the argument."
+SPAN_SAMPLE = "Return the {sentinel} of the argument."
 
 
 def _print_sample(cfg) -> None:
@@ -353,6 +349,12 @@ def _print_sample(cfg) -> None:
     if jax.process_count() > 1:  # process 0 alone in plm_jax.load would wait in Orbax barriers
         return
     lm = plm_jax.load(cfg.run_dir)
+    if cfg.model.family == "encoder_decoder":
+        sentinel = lm.tokenizer.id_to_piece(lm.tokenizer.sentinel_ids[0])
+        text = SPAN_SAMPLE.format(sentinel=sentinel)
+        (fill,) = lm.transform(text, beam_size=1, max_len=16)
+        print(f"span-filling sample (greedy): {text} -> {fill!r}")
+        return
     if cfg.model.family == "encoder":
         if lm.tokenizer.mask_id is None or not cfg.model.use_mlm_head:
             return
@@ -471,6 +473,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"{k[5:]} {v:.4f}" for k, v in result.items() if k.startswith("eval/")
             )
             print(f"step {run.step}: {shown} over {result['examples']} examples")
+            for key in ("bleu_signature", "chrf_signature"):
+                if key in result:  # translation: sacrebleu's settings behind the numbers
+                    print(f"{key.split('_')[0].upper()} signature: {result[key]}")
         return 0
     result = plm_jax.load(args.checkpoint).evaluate(args.data, batch_size=args.batch_size)
     if args.json:

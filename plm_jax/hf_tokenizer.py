@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from plm_jax.errors import DataError
-from plm_jax.tokenizer import _check_unicode
+from plm_jax.tokenizer import _check_unicode, find_sentinel_ids
 
 __all__ = ["HfTokenizer", "HF_TOKENIZER_FILE", "VOCAB_FILE"]
 
@@ -89,6 +89,7 @@ class HfTokenizer:
       bos_id, eos_id: sequence start and end ([CLS] and [SEP] for BERT); bos_id is eos_id when
         the tokenizer has no start token.
       mask_id: the mask token ([MASK]), or None if there is none.
+      sentinel_ids: ids of T5's <extra_id_0>, <extra_id_1>, ... (see the property).
       special_ids: frozenset of every special id (see the property).
       fingerprint: sha256 hex digest of the tokenizer.json bytes (for a vocab.txt: of its bytes
         and the normalizer settings); a key for token caches.
@@ -316,6 +317,18 @@ class HfTokenizer:
                 f"{segments}, not A then B once each; frame_pair cannot window such a tokenizer"
             )
         return layout
+
+    @functools.cached_property
+    def sentinel_ids(self) -> tuple[int, ...]:
+        """Ids of the span-corruption sentinels `<extra_id_0>`, `<extra_id_1>`, ..., in order.
+
+        Hugging Face's T5 tokenizers hold 100 of them as added tokens at the end of the
+        vocabulary, numbered backwards (`<extra_id_0>` is id 32099 of t5-small).
+
+        Raises:
+          ConfigError: the tokenizer has no `<extra_id_0>` token.
+        """
+        return find_sentinel_ids(self._tok.token_to_id, self.path)
 
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:

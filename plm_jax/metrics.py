@@ -7,9 +7,9 @@
   `read_metrics`, `ProgressBar` (tqdm).
 
 What it leaves out: computing metric values inside the step (train/) and deciding when to log
-(the loop). The counts cover the decoder family only; encoders and encoder-decoders need their
-own formulas. tensorboardX is imported only when a writer asks for it, so the FLOP and MFU
-helpers import on machines without it.
+(the loop). The counts cover decoders, encoders (bidirectional attention) and encoder-decoders
+(per encoder input token, the decoder's share scaled by its length). tensorboardX is imported
+only when a writer asks for it, so the FLOP and MFU helpers import on machines without it.
 """
 
 from __future__ import annotations
@@ -99,9 +99,15 @@ def nonembedding_params(cfg: ModelConfig, vocab_size: int) -> int:
 
 FLOPS_FORMULA = "6*N_nonemb + 6*L*(N*H)*T (causal attention halved; Kaplan 2020, PaLM app. B)"
 FLOPS_FORMULA_ENCODER = "6*N_nonemb + 12*L*(N*H)*T (bidirectional attention; Kaplan 2020)"
+FLOPS_FORMULA_ENCODER_DECODER = (
+    "6*N_enc + 12*E*(N*H)*S + (T/S)*(6*N_dec + 6*L*(N*H)*T + 12*L*(N*H)*S) per encoder token "
+    "(S encoder, T decoder tokens; causal decoder self-attention halved)"
+)
 
 
-def train_flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> dict[str, Any]:
+def train_flops_per_token(
+    cfg: ModelConfig, vocab_size: int, seq_len: int, decoder_len: int | None = None
+) -> dict[str, Any]:
     """Model FLOPs per trained token (forward + backward = 3x forward), as in DESIGN.md.
 
     A matmul with P weights costs 2P FLOPs per token forward, so the weights cost 6*N_nonemb.
@@ -115,7 +121,14 @@ def train_flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> di
     includes the tied embedding: compare with those figures through `flops_per_token_with_head`.
     For GPT-2 124M at T=1024 the head is ~30% of the total, so the choice matters.
 
-    Args: `cfg` (sizes at 0 resolved as the model does), V = `vocab_size`, T = `seq_len`.
+    An encoder-decoder counts per encoder input token (what the loop's throughput counts):
+    with S = `seq_len` encoder and T = `decoder_len` decoder tokens per row, E encoder and L
+    decoder layers, the encoder's weights cost 6*N_enc and its attention 12*E*N*H*S; each
+    decoder token costs 6*N_dec, causal self-attention 6*L*N*H*T and cross-attention
+    12*L*N*H*S, scaled by T/S decoder tokens per encoder token. The head is T/S * 6*D*V.
+
+    Args: `cfg` (sizes at 0 resolved as the model does), V = `vocab_size`, T = `seq_len`,
+      `decoder_len` (encoder-decoders; default `seq_len`).
 
     Returns:
       flops_per_token (headline, causal), flops_per_token_noncausal (attention 12*L*N*H*T),
@@ -126,6 +139,8 @@ def train_flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> di
     dense = 6 * nonembedding_params(c, vocab_size)
     attention = 6 * c.num_layers * c.num_heads * c.head_dim * seq_len
     head = 6 * c.embed_dim * vocab_size
+    if c.family == "encoder_decoder":
+        return _encoder_decoder_flops(c, seq_len, decoder_len or seq_len, head)
     if c.family == "encoder":  # bidirectional: every query attends to all T keys
         return {
             "flops_per_token": dense + 2 * attention,
@@ -144,6 +159,31 @@ def train_flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> di
         "attention_flops_per_token": attention,
         "params_nonembedding": dense // 6,
         "formula": FLOPS_FORMULA,
+    }
+
+
+def _encoder_decoder_flops(c: ModelConfig, s_len: int, t_len: int, head: int) -> dict[str, Any]:
+    d, n, k, h = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    b = int(c.use_bias)
+    attention = 2 * d * n * h + 2 * d * k * h + b * (n * h + 2 * k * h + d)
+    gated = c.mlp in ("swiglu", "geglu")
+    mlp = (3 if gated else 2) * d * c.mlp_dim + b * ((2 if gated else 1) * c.mlp_dim + d)
+    n_enc = c.num_layers * (attention + mlp)
+    n_dec = c.num_decoder_layers * (2 * attention + mlp)
+    width, ratio = n * h, t_len / s_len
+    enc_attn = 12 * c.num_layers * width * s_len
+    dec_attn = 6 * c.num_decoder_layers * width * t_len + 12 * c.num_decoder_layers * width * s_len
+    dense = 6 * n_enc + ratio * 6 * n_dec
+    total = dense + enc_attn + ratio * dec_attn
+    noncausal = total + ratio * 6 * c.num_decoder_layers * width * t_len
+    return {
+        "flops_per_token": total,
+        "flops_per_token_noncausal": noncausal,
+        "flops_per_token_with_head": total + ratio * head,
+        "lm_head_flops_per_token": ratio * head,
+        "attention_flops_per_token": enc_attn + ratio * dec_attn,
+        "params_nonembedding": n_enc + n_dec,
+        "formula": FLOPS_FORMULA_ENCODER_DECODER,
     }
 
 

@@ -29,6 +29,9 @@ never produced from text, so a document containing the literal string "<mask>" o
 encoded as ordinary characters (user text cannot inject a special token), and `decode` drops the
 control ids. User-defined symbols are matched in text and decode to themselves. The unk id decodes
 to " \u2047 " (SentencePiece's surface form); with byte fallback, `encode` never emits it.
+Span-corruption sentinels (`<extra_id_0>`, ... from `sentinel_pieces`) are user-defined symbols,
+as in Hugging Face's T5 tokenizers: they decode to their names, and a literal "<extra_id_0>" in
+a document is encoded as that sentinel.
 
 Word starts. For whole-word masking, a piece that starts with "\u2581" (a space) begins a word
 and special pieces are words of their own; user-defined symbols follow the "\u2581" rule like
@@ -49,7 +52,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,7 +66,7 @@ from plm_jax.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from plm_jax.hf_tokenizer import HfTokenizer
 
-__all__ = ["Tokenizer", "train_tokenizer"]
+__all__ = ["Tokenizer", "sentinel_pieces", "train_tokenizer"]
 
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
@@ -71,6 +74,7 @@ META_FILE = "tokenizer.json"
 _META_FORMAT = "plm_jax.tokenizer/1"  # tells our tokenizer.json from Hugging Face's
 
 _SPACE_SYMBOL = "\u2581"  # SentencePiece's escaped space
+_SENTINEL = "<extra_id_{}>"  # T5's span-corruption sentinels, numbered from 0
 # SentencePiece silently drops training sentences over max_sentence_length (4192 bytes); lines
 # are cut below it, at a space where possible so the cut does not split a word.
 _MAX_LINE_BYTES = 4000
@@ -184,6 +188,7 @@ class Tokenizer:
       vocab_size: number of pieces (V).
       pad_id, unk_id, bos_id, eos_id: special ids (0..3 for tokenizers trained here).
       mask_id: id of the mask piece, or None if the model has none.
+      sentinel_ids: ids of T5's <extra_id_0>, <extra_id_1>, ... (see the property).
       special_ids: frozenset of every special id (see the property).
       fingerprint: sha256 hex digest of the .model file's bytes; a key for token caches.
       path: the .model file.
@@ -384,6 +389,24 @@ class Tokenizer:
         return ids, [0] * b_start + [1] * (len(ids_b) + 1), b_start
 
     @functools.cached_property
+    def sentinel_ids(self) -> tuple[int, ...]:
+        """Ids of the span-corruption sentinels `<extra_id_0>`, `<extra_id_1>`, ..., in order.
+
+        A tokenizer trained for an encoder_decoder model holds `tokenizer.num_sentinels` of
+        them; counting stops at the first number missing.
+
+        Raises:
+          ConfigError: the model has no `<extra_id_0>` piece.
+        """
+        sp = self._sp
+
+        def lookup(piece: str) -> int | None:
+            i = sp.piece_to_id(piece)  # unk_id when missing
+            return i if sp.id_to_piece(i) == piece else None
+
+        return find_sentinel_ids(lookup, self.path)
+
+    @functools.cached_property
     def special_ids(self) -> frozenset[int]:
         """Every special id: the control and unknown pieces, and pad/unk/bos/eos/mask.
 
@@ -491,6 +514,30 @@ class Tokenizer:
         if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise IndexError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+
+
+def sentinel_pieces(num_sentinels: int) -> list[str]:
+    """T5's sentinel pieces `<extra_id_0>`, ..., `<extra_id_{num_sentinels - 1}>`, in order."""
+    return [_SENTINEL.format(i) for i in range(num_sentinels)]
+
+
+def find_sentinel_ids(lookup: Callable[[str], int | None], path: Path) -> tuple[int, ...]:
+    """The ids of `<extra_id_0>`, `<extra_id_1>`, ... by `lookup(piece) -> id | None`, in order.
+
+    Raises:
+      ConfigError: there is no `<extra_id_0>`.
+    """
+    ids: list[int] = []
+    while (i := lookup(_SENTINEL.format(len(ids)))) is not None:
+        ids.append(i)
+    if not ids:
+        raise ConfigError(
+            f"the tokenizer {str(path)!r} has no sentinel pieces (<extra_id_0>, <extra_id_1>, "
+            "...), which span-corruption pretraining puts in place of each noise span. Let "
+            "plm_jax train one for model.family=encoder_decoder (tokenizer.path='' and "
+            "tokenizer.num_sentinels > 0), or use a T5 tokenizer, whose tokenizer.json has them"
+        )
+    return tuple(ids)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -244,3 +244,22 @@ def test_progress_bar_is_silent_off_a_terminal_or_when_disabled():
         bar.update(5, loss=1.0)
         bar.close()
         assert stream.getvalue() == ""
+
+
+def test_encoder_decoder_flops_match_a_hand_count_for_t5_small():
+    cfg = ModelConfig(**{**MODEL_PRESETS["t5-small"], "family": "encoder_decoder"})
+    f = metrics.train_flops_per_token(cfg, 32128, 512, 114)
+    # t5-small: 6 + 6 layers, D = N*H = 512, ReLU MLP of 2048, no biases.
+    attn, mlp = 4 * 512 * 512, 2 * 512 * 2048
+    n_enc, n_dec = 6 * (attn + mlp), 6 * (2 * attn + mlp)
+    assert f["params_nonembedding"] == n_enc + n_dec == 44_040_192
+    ratio = 114 / 512
+    hand = (
+        6 * n_enc
+        + 12 * 6 * 512 * 512  # encoder self-attention, bidirectional, S = 512
+        + ratio * (6 * n_dec + 6 * 6 * 512 * 114 + 12 * 6 * 512 * 512)  # decoder per enc token
+    )
+    assert f["flops_per_token"] == pytest.approx(hand, rel=1e-12)
+    assert f["lm_head_flops_per_token"] == pytest.approx(ratio * 6 * 512 * 32128)
+    assert f["flops_per_token_noncausal"] > f["flops_per_token"]
+    assert "per encoder token" in f["formula"]

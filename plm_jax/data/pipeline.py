@@ -4,7 +4,9 @@
                else trained on `data.source` and saved there
     corpus:    tokenized once into the cache (`prepare.py`)
     batches:   packed windows (`packing.py`) -> grain loaders (`loader.py`); encoders get
-               non-overlapping windows and dynamic masked-LM masking (`masking.py`)
+               non-overlapping windows and dynamic masked-LM masking (`masking.py`),
+               encoder-decoders longer raw windows and T5 span corruption
+               (`span_corruption.py`), whose tokenizer gets the sentinel pieces
 
 What it leaves out: moving batches onto devices (`sharding.shard_batch`) and the train loop.
 """
@@ -21,9 +23,10 @@ from plm_jax.data.masking import MlmMasker
 from plm_jax.data.packing import PackedWindows
 from plm_jax.data.prepare import PreparedData, prepare_data
 from plm_jax.data.sources import SourceStats, check_stats, iter_documents, resolve_files
+from plm_jax.data.span_corruption import SpanCorruption
 from plm_jax.distributed import primary_first
-from plm_jax.errors import DataError
-from plm_jax.tokenizer import Tokenizer, train_tokenizer
+from plm_jax.errors import ConfigError, DataError
+from plm_jax.tokenizer import Tokenizer, sentinel_pieces, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,14 @@ log = logging.getLogger(__name__)
 def train_tokenizer_from_config(
     data: DataConfig, cfg: Config, output_dir: Path, *, show_progress: bool = True
 ) -> Tokenizer:
-    """Trains a SentencePiece model on the documents of `data` with `cfg.tokenizer` settings."""
+    """Trains a SentencePiece model on the documents of `data` with `cfg.tokenizer` settings.
+
+    An encoder_decoder model's tokenizer also gets `tokenizer.num_sentinels` sentinel pieces
+    (<extra_id_0>, ...) after the user-defined symbols.
+    """
     tok = cfg.tokenizer
+    is_seq2seq = cfg.model.family == "encoder_decoder"
+    sentinels = sentinel_pieces(tok.num_sentinels) if is_seq2seq else []
     resolve_files(data)  # a missing source fails here, before any training output
     stats = SourceStats()
     tokenizer = train_tokenizer(
@@ -47,7 +56,7 @@ def train_tokenizer_from_config(
         bos_piece=tok.bos_piece,
         eos_piece=tok.eos_piece,
         mask_piece=tok.mask_piece,
-        user_defined_symbols=tok.user_defined_symbols,
+        user_defined_symbols=[*tok.user_defined_symbols, *sentinels],
         max_train_bytes=tok.max_train_bytes,
         num_threads=data.tokenize_threads,
         show_progress=show_progress,
@@ -85,7 +94,7 @@ class Pipeline:
     train_windows: PackedWindows
     eval_windows: PackedWindows | None
     train: BatchLoader
-    masker: MlmMasker | None = None
+    masker: MlmMasker | SpanCorruption | None = None  # the per-example transform, if any
 
     def eval_batches(self, process_index: int = 0, process_count: int = 1) -> BatchLoader | None:
         """A fresh ordered pass over the held-out split (None when there is none)."""
@@ -113,6 +122,27 @@ def make_masker(cfg: Config, tokenizer: Tokenizer) -> MlmMasker | None:
     )
 
 
+def make_span_corruption(cfg: Config, tokenizer: Tokenizer) -> SpanCorruption | None:
+    """T5 span corruption for an encoder-decoder, None for other families.
+
+    Its `raw_len` is the length of the windows to read.
+
+    Raises:
+      ConfigError: the tokenizer has no sentinels, or model.max_seq_len is too short.
+    """
+    if cfg.model.family != "encoder_decoder":
+        return None
+    try:
+        return SpanCorruption.from_tokenizer(
+            tokenizer,
+            encoder_len=cfg.model.max_seq_len,
+            noise_density=cfg.data.noise_density,
+            mean_span_length=cfg.data.mean_span_length,
+        )
+    except ValueError as e:
+        raise ConfigError(f"span corruption (model.family=encoder_decoder): {e}") from None
+
+
 def build_pipeline(
     cfg: Config,
     tokenizer: Tokenizer,
@@ -127,15 +157,18 @@ def build_pipeline(
       DataError: no data, or a train split smaller than one window.
     """
     seq_len = cfg.model.max_seq_len
-    masker = make_masker(cfg, tokenizer)
+    corruption = make_span_corruption(cfg, tokenizer)
+    masker = corruption or make_masker(cfg, tokenizer)
     causal = masker is None
+    # Span corruption shortens a window, so it reads more raw tokens than the encoder holds.
+    window_len = corruption.raw_len if corruption else seq_len
     with primary_first("tokenizing the corpus", cfg.distributed.prepare_timeout):
         prepared = prepare_data(cfg.data, tokenizer, show_progress=show_progress)  # 0 first
     train = prepared.train
-    if train.num_tokens < seq_len + causal:
+    if train.num_tokens < window_len + causal:
         raise DataError(
             f"the training split has {train.num_tokens} tokens, fewer than one window of "
-            f"{seq_len + causal} (model.max_seq_len={seq_len}); add data or lower "
+            f"{window_len + causal} (model.max_seq_len={seq_len}); add data or lower "
             "model.max_seq_len"
         )
     if train.max_doc_len < seq_len:
@@ -145,12 +178,12 @@ def build_pipeline(
             seq_len,
             train.max_doc_len,
         )
-    train_windows = PackedWindows(train, seq_len, tokenizer.pad_id, causal=causal)
+    train_windows = PackedWindows(train, window_len, tokenizer.pad_id, causal=causal)
     eval_windows = None
     if prepared.eval is not None:
         eval_windows = PackedWindows(
             prepared.eval,
-            seq_len,
+            window_len,
             tokenizer.pad_id,
             pad_to_multiple=cfg.train.batch_size,
             causal=causal,

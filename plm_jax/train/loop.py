@@ -355,7 +355,10 @@ def run(
         log.info("run already complete at step %d (train.steps=%d)", start_step, t.steps)
         return {"step": start_step, "complete": True}
     config_dict = config_to_dict(cfg)
-    flops = train_flops_per_token(tr.model_cfg, tr.model_cfg.vocab_size, cfg.model.max_seq_len)
+    decoder_len = getattr(tr.pipeline.masker, "decoder_len", None)  # span corruption's
+    flops = train_flops_per_token(
+        tr.model_cfg, tr.model_cfg.vocab_size, cfg.model.max_seq_len, decoder_len
+    )
     try:
         peak, peak_source = peak_flops(jax.devices())
         log.info("MFU formula: %s; peak %.3g FLOP/s (%s)", flops["formula"], peak, peak_source)

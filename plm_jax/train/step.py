@@ -1,7 +1,9 @@
-"""Pure train and eval steps: next-token prediction (decoders) and masked LM (encoders).
+"""Pure train and eval steps: next-token prediction (decoders), masked LM (encoders) and
+span corruption or translation (encoder-decoders).
 
-Both objectives are the same weighted cross-entropy: a decoder's batch holds the next tokens
-as targets, an encoder's the original tokens, with weight 1 only at the masked positions.
+All objectives are the same weighted cross-entropy: a decoder's batch holds the next tokens
+as targets, an encoder's the original tokens, with weight 1 only at the masked positions, an
+encoder-decoder's the decoder targets (its batch also holds the `decoder_*` inputs).
 
 Loss normalisation: every micro-batch's loss is its *sum* of token cross-entropies divided by
 the number of real (weight-1) target tokens (for a masked LM: masked tokens) in the whole
@@ -28,30 +30,62 @@ Batch = Mapping[str, jax.Array]  # inputs/targets/segment_ids/positions: [B, L] 
 Metrics = dict[str, jax.Array]
 
 
-def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+def next_token_loss(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
     """Sum over tokens of weighted cross-entropy, in float32.
+
+    With `label_smoothing` e, each token's loss is (1 - e) * -log p(target) + e * the mean over
+    the vocabulary of -log p(v) (Szegedy et al. 2016, as Hugging Face's `label_smoothing_factor`
+    and fairseq compute it), without materialising a [B, L, V] target distribution.
 
     Args:
       logits: [B, L, V]; targets: [B, L] int32; weights: [B, L] (0 for padding and
-        cross-document targets).
+        cross-document targets); label_smoothing: e in [0, 1).
 
     Returns:
-      [] the weighted sum of -log p(target).
+      [] the weighted sum of the per-token losses.
     """
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if label_smoothing:
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        uniform = log_z - jnp.mean(logits, axis=-1)  # mean over v of -log p(v)
+        ce = (1.0 - label_smoothing) * ce + label_smoothing * uniform
     return jnp.sum(ce * weights)
+
+
+def lm_forward(model, batch: Batch, *, deterministic: bool, rngs: nnx.Rngs | None):
+    """The model's output (`LmOutput`/`EncoderOutput`) on a batch of either layout.
+
+    A batch with `decoder_inputs` is an encoder-decoder batch (inputs, segment_ids and
+    positions feed the encoder; the `decoder_*` keys the decoder); any other feeds `inputs`
+    to a decoder or encoder.
+    """
+    if "decoder_inputs" in batch:
+        return model(
+            batch["inputs"],
+            batch["decoder_inputs"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            decoder_positions=batch["decoder_positions"],
+            decoder_segment_ids=batch["decoder_segment_ids"],
+            deterministic=deterministic,
+            rngs=rngs,
+        )
+    return model(
+        batch["inputs"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        deterministic=deterministic,
+        rngs=rngs,
+    )
 
 
 def _forward_loss(params, graphdef, batch: Batch, key: jax.Array | None) -> jax.Array:
     model = nnx.merge(graphdef, params)
     rngs = None if key is None else nnx.Rngs(dropout=key)
-    out = model(
-        batch["inputs"],
-        positions=batch["positions"],
-        segment_ids=batch["segment_ids"],
-        deterministic=key is None,
-        rngs=rngs,
-    )
+    out = lm_forward(model, batch, deterministic=key is None, rngs=rngs)
     return next_token_loss(out.logits, batch["targets"], batch["weights"])
 
 
