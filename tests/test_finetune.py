@@ -17,7 +17,7 @@ from flax import nnx
 from plm_jax.checkpoint import Checkpointer
 from plm_jax.cli import main
 from plm_jax.config import ModelConfig, TrainConfig, load_config
-from plm_jax.errors import ConfigError, DataError, NotYetAvailable
+from plm_jax.errors import ConfigError, DataError
 from plm_jax.tasks import finetune as ft_mod
 from plm_jax.tasks.model import TaskModel
 from plm_jax.train.optimizer import layerwise_lr_factors, lr_schedule
@@ -300,15 +300,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_run, sentiment, capsys)
             ["finetune", *base, "task.name=classification", f"task.train_file={tmp_path}/no.jsonl"],
             "does not exist",
         ),
-        (["finetune", *base, "task.name=translation", f"task.train_file={train}"], "issue #6"),
+        (
+            ["finetune", *base, "task.name=translation", f"task.train_file={train}"],
+            "no 'source' field (keys: ['label', 'text']); set task.source_field",
+        ),
         (["predict", str(tiny_run), "--input", str(train)], "pretraining run"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (argv, err)
-    with pytest.raises(NotYetAvailable):
-        ft_mod.task_kind(load_config(None, ["task.name=translation", "task.train_file=x"]))
+    assert ft_mod.task_kind(load_config(None, ["task.name=translation", "task.train_file=x"]))
     with pytest.raises(ConfigError, match="tokenizer"):
         ft_mod.setup(
             load_config(

@@ -93,13 +93,15 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
 
 
 def export_hf(path: str | Path, out_dir: str | Path) -> Path:
-    """Writes a plm_jax decoder or encoder checkpoint as a Hugging Face directory.
+    """Writes a plm_jax decoder, encoder or encoder-decoder checkpoint as a Hugging Face
+    directory.
 
-    An encoder's config.json gets the tokenizer's padding id as `pad_token_id`.
+    An encoder's config.json gets the tokenizer's padding id as `pad_token_id`; an
+    encoder-decoder's also its decoder start (the padding id, as T5) and `eos_token_id`.
 
     Raises:
       DataError: `out_dir` already holds a config.json (never overwritten).
-      ConfigError: a model neither GPT-2, LLaMA nor BERT can express.
+      ConfigError: a model neither GPT-2, LLaMA, BERT nor T5 can express.
     """
     from plm_jax.api import load
 
@@ -108,10 +110,17 @@ def export_hf(path: str | Path, out_dir: str | Path) -> Path:
         raise DataError(f"{out_dir} already holds a config.json; choose a new --output directory")
     lm = load(path)
     save_hf_model(lm.model, out_dir)
+    ids = {}
     if lm.model.cfg.family == "encoder" and lm.tokenizer.pad_id is not None:
         # BERT's word embedding keeps the padding row out of training (padding_idx).
+        ids["pad_token_id"] = lm.tokenizer.pad_id
+    elif lm.model.cfg.family == "encoder_decoder":
+        # T5 starts decoding from the padding id and stops at eos: the run's tokenizer's ids.
+        pad, eos = lm.tokenizer.pad_id, lm.tokenizer.eos_id
+        ids = {"pad_token_id": pad, "decoder_start_token_id": pad, "eos_token_id": eos}
+    if ids:
         config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
-        config["pad_token_id"] = lm.tokenizer.pad_id
+        config.update(ids)
         (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     source = lm.tokenizer.path.parent
     copied = [n for n in TOKENIZER_FILES if (source / n).is_file() and _is_hf(source / n)]

@@ -7,9 +7,11 @@
             the best checkpoint by the task metric, early stopping after `task.patience` evals
 
 Tasks: `classification` (labels from the training file, saved as labels.json), `regression`
-(a float target) and `qa` (extractive, SQuAD format). Losses are example-weighted: the sum
-over real rows divided by the number of real rows in the whole accumulated batch, so gradient
-accumulation gives the update of one large batch.
+(a float target), `qa` (extractive, SQuAD format) and `translation` (parallel text, see
+`translation.py`; scored by BLEU and chrF of decoded translations). Losses are example-weighted:
+the sum over real rows divided by the number of real rows in the whole accumulated batch, so
+gradient accumulation gives the update of one large batch; translation weighs target tokens
+instead (the loss is normalised by the real target tokens of the accumulated batch).
 
 The run directory is a pretraining run's plus `labels.json` (classification) and
 `best.json` (the step and value of the best evaluation), which `plm_jax.load` prefers.
@@ -34,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from plm_jax.checkpoint import Checkpointer
 from plm_jax.config import Config, config_to_dict, save_config, validate_for_devices
-from plm_jax.errors import ConfigError, NotYetAvailable
+from plm_jax.errors import ConfigError
 from plm_jax.metrics import MetricsWriter, ProgressBar, truncate_metrics
 from plm_jax.sharding import make_mesh, shard_batch, use_mesh
 from plm_jax.tasks.batching import BucketBatcher, bucket_lengths
@@ -57,12 +59,17 @@ from plm_jax.train.state import (
     sharded_abstract_state,
     state_shardings,
 )
-from plm_jax.train.step import NO_GUARD, Guard, accumulate, apply_update
+from plm_jax.train.step import NO_GUARD, Guard, accumulate, apply_update, next_token_loss
 
 log = logging.getLogger(__name__)
 
 # Model selection: the default metric per task and whether higher is better.
-DEFAULT_METRIC = {"classification": "accuracy", "regression": "pearson", "qa": "f1"}
+DEFAULT_METRIC = {
+    "classification": "accuracy",
+    "regression": "pearson",
+    "qa": "f1",
+    "translation": "bleu",
+}
 LOWER_IS_BETTER = ("loss", "mse")
 LABELS_FILE = "labels.json"
 BEST_FILE = "best.json"
@@ -72,14 +79,19 @@ BEST_FILE = "best.json"
 # Losses and steps (pure).
 
 
-def task_loss(outputs: jax.Array, batch: dict[str, jax.Array], task: str) -> jax.Array:
+def task_loss(
+    outputs: jax.Array, batch: dict[str, jax.Array], task: str, label_smoothing: float = 0.0
+) -> jax.Array:
     """Sum over real rows (weight 1) of the per-example loss, in float32.
 
     classification: cross-entropy of `outputs` [B, C] and `label`; regression: squared error of
     `outputs` [B] and `label`; qa: the mean of the start and end cross-entropies of `outputs`
-    [B, L, 2] (padding positions excluded) and `start`/`end`.
+    [B, L, 2] (padding positions excluded) and `start`/`end`; translation: the (label-smoothed)
+    token cross-entropy of `outputs` [B, L, V] and `targets`, summed over real target tokens.
     """
     w = batch["weights"]
+    if task == "translation":
+        return next_token_loss(outputs, batch["targets"], w, label_smoothing)
     if task == "classification":
         ce = optax.softmax_cross_entropy_with_integer_labels(outputs, batch["label"])
         return jnp.sum(ce * w)
@@ -95,6 +107,8 @@ def task_loss(outputs: jax.Array, batch: dict[str, jax.Array], task: str) -> jax
 def _forward(params, graphdef, batch, key):
     model = nnx.merge(graphdef, params)
     rngs = None if key is None else nnx.Rngs(dropout=key)
+    if "targets" in batch:  # translation: the LM logits of the target side
+        return model(batch, deterministic=key is None, rngs=rngs)
     return model(
         batch["inputs"],
         segment_ids=batch["segment_ids"],
@@ -106,14 +120,25 @@ def _forward(params, graphdef, batch, key):
 
 
 def task_train_step(
-    state: TrainState, batch, *, graphdef, tx, schedule, grad_accum, task, drop, guard=NO_GUARD
+    state: TrainState,
+    batch,
+    *,
+    graphdef,
+    tx,
+    schedule,
+    grad_accum,
+    task,
+    drop,
+    guard=NO_GUARD,
+    label_smoothing=0.0,
 ):
-    """One optimizer step over `grad_accum` micro-batches; example-weighted loss."""
+    """One optimizer step over `grad_accum` micro-batches; example- (translation: target
+    token-) weighted loss."""
     total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params, mb, key):
-        return task_loss(_forward(params, graphdef, mb, key), mb, task)
+        return task_loss(_forward(params, graphdef, mb, key), mb, task, label_smoothing)
 
     grads, losses = accumulate(loss_fn, state.params, batch, grad_accum, step_key, drop)
     new_state, metrics = apply_update(state, grads, losses, total, tx, guard)
@@ -147,22 +172,33 @@ class FineTuner:
     higher_is_better: bool
     best: float | None = None
     bad_evals: int = 0
+    tokenizer: Any = None
 
 
 def task_kind(cfg: Config) -> str:
     """The task name, checked to be one `finetune` trains.
 
     Raises:
-      ConfigError: no task configured; NotYetAvailable: translation (issue #6).
+      ConfigError: no task configured, or no training data.
     """
     name = cfg.task.name
     if not name:
         raise ConfigError(
-            "task.name is empty; set task.name=classification, regression or qa (and "
-            "task.train_file)"
+            "task.name is empty; set task.name=classification, regression, qa or translation "
+            "(and task.train_file)"
         )
     if name == "translation":
-        raise NotYetAvailable("task.name=translation lands with issue #6 (encoder-decoders)")
+        if not (cfg.task.train_file or cfg.task.source_file):
+            raise ConfigError(
+                "task.name=translation needs task.train_file (JSONL with source/target) or "
+                "task.source_file and task.target_file (aligned text files)"
+            )
+        if jax.process_count() > 1:
+            raise ConfigError(
+                "task.name=translation fine-tunes in one process for now (its evaluation "
+                "decodes on one host); run it without plm-jax launch / jax.distributed"
+            )
+        return name
     if not cfg.task.train_file:
         raise ConfigError(f"task.name={name} needs task.train_file (JSONL, CSV or SQuAD JSON)")
     return name
@@ -170,11 +206,19 @@ def task_kind(cfg: Config) -> str:
 
 def model_factory(cfg: Config, data: TaskData):
     """`rngs -> TaskModel` for this config and data (what `state.py` builds states from)."""
+    if cfg.task.name == "translation":
+        return partial(_make_seq2seq_model, cfg.model)
     return partial(_make_task_model, cfg.model, cfg.task.name, data.num_outputs, cfg.task.pooling)
 
 
 def _make_task_model(model_cfg, task, num_outputs, pooling, rngs):
     return TaskModel(model_cfg, task, num_outputs, pooling, rngs=rngs)
+
+
+def _make_seq2seq_model(model_cfg, rngs):
+    from plm_jax.tasks.translation import Seq2SeqModel
+
+    return Seq2SeqModel(model_cfg, rngs=rngs)
 
 
 def resolve_steps(cfg: Config, batches_per_epoch: int) -> Config:
@@ -200,18 +244,26 @@ def setup(cfg: Config, *, show_progress: bool = True) -> FineTuner:
     validate_for_devices(cfg, jax.device_count())
     tokenizer = Tokenizer.load(cfg.tokenizer.path)
     cfg = dataclasses.replace(cfg, model=resolve_vocab(cfg.model, tokenizer))
-    data = load_task_data(cfg, tokenizer)
     mesh = make_mesh(cfg.mesh)
-    batcher = BucketBatcher(
-        data.train,
-        global_batch=cfg.train.batch_size,
-        buckets=bucket_lengths(cfg.model.max_seq_len),
-        seed=cfg.run.seed,
-        shuffle=True,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        pad_id=tokenizer.pad_id,
-    )
+    if task == "translation":
+        from plm_jax.tasks.translation import load_translation_data, make_translation_batcher
+
+        data = load_translation_data(cfg, tokenizer)
+        batcher = make_translation_batcher(
+            cfg, data.train, tokenizer, shuffle=True, global_batch=cfg.train.batch_size
+        )
+    else:
+        data = load_task_data(cfg, tokenizer)
+        batcher = BucketBatcher(
+            data.train,
+            global_batch=cfg.train.batch_size,
+            buckets=bucket_lengths(cfg.model.max_seq_len),
+            seed=cfg.run.seed,
+            shuffle=True,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            pad_id=tokenizer.pad_id,
+        )
     cfg = resolve_steps(cfg, batcher.batches_per_epoch)
     factory = model_factory(cfg, data)
     graphdef, abstract_params = model_graphdef(factory)
@@ -274,6 +326,7 @@ def setup(cfg: Config, *, show_progress: bool = True) -> FineTuner:
         higher,
         best,
         bad_evals,
+        tokenizer,
     )
 
 
@@ -326,6 +379,12 @@ def predict_outputs(
 def evaluate(ft: FineTuner, params=None) -> dict[str, float]:
     """Task metrics over the whole evaluation set."""
     cfg = ft.cfg
+    if cfg.task.name == "translation":
+        from plm_jax.tasks.translation import evaluate_translation
+
+        params = ft.state.params if params is None else params
+        scores = evaluate_translation(cfg, ft.graphdef, params, ft.data, ft.tokenizer, ft.mesh)
+        return {f"eval/{k}": v for k, v in scores.items() if not k.endswith("signature")}
     outputs = predict_outputs(
         ft.graphdef,
         ft.state.params if params is None else params,
@@ -373,6 +432,7 @@ def run(
             task=cfg.task.name,
             drop=cfg.model.dropout > 0,
             guard=Guard.from_config(t),
+            label_smoothing=cfg.task.label_smoothing,
         ),
         out_shardings=(ft.shardings, replicated),
         donate_argnums=0,
@@ -401,7 +461,8 @@ def run(
         if done % t.log_every == 0 or saving or evaluating or preempted:
             fetched = jax.device_get(pending)  # waits for the steps: time after this
             skipped_run = check_steps(fetched, done - len(fetched) + 1, t, skipped_run)
-            last = {"step": done, **_summarise(fetched, time.perf_counter() - clock)}
+            seconds = time.perf_counter() - clock
+            last = {"step": done, **_summarise(fetched, seconds, cfg.task.name)}
             pending, clock = [], time.perf_counter()
             ft.writer.write(done, {k: v for k, v in last.items() if k != "step"})
             bar.update(done, loss=last["train/loss"])
@@ -450,17 +511,18 @@ def run(
     return last
 
 
-def _summarise(fetched: list[dict], seconds: float) -> dict[str, float]:
-    """Example-weighted mean loss since the last log, latest lr and grad norm, and the rate
-    (including any compilation of new batch shapes in the interval)."""
+def _summarise(fetched: list[dict], seconds: float, task: str = "") -> dict[str, float]:
+    """Example- (translation: target token-) weighted mean loss since the last log, latest lr
+    and grad norm, and the rate (including any compilation of new batch shapes)."""
     rows = np.array([m["train/examples"] for m in fetched], np.float64)
     loss, skipped = applied_loss(fetched, "train/examples")
+    unit = "target_tokens" if task == "translation" else "examples"
     return {
         "train/loss": loss,
         "train/skipped": skipped,
         "train/grad_norm": float(fetched[-1]["train/grad_norm"]),
         "train/lr": float(fetched[-1]["train/lr"]),
-        "perf/examples_per_sec": float(rows.sum() / max(seconds, 1e-9)),
+        f"perf/{unit}_per_sec": float(rows.sum() / max(seconds, 1e-9)),
     }
 
 

@@ -115,8 +115,15 @@ def _outputs(run: TaskRun, examples: list[dict]) -> list[np.ndarray]:
 
 
 def evaluate_task(run: TaskRun, data_file: str | None = None) -> dict[str, float]:
-    """The task metrics on `data_file` (labelled) or on the run's own evaluation data."""
+    """The task metrics on `data_file` (labelled) or on the run's own evaluation data.
+
+    Translation adds `bleu_signature` and `chrf_signature` (sacrebleu's) to the result.
+    """
     cfg = run.config
+    if cfg.task.name == "translation":
+        from plm_jax.tasks.translation import evaluate_translation_run
+
+        return evaluate_translation_run(run, data_file)
     if data_file is not None:
         task = dataclasses.replace(cfg.task, eval_file=data_file)
         cfg = dataclasses.replace(cfg, task=task)
@@ -128,12 +135,17 @@ def evaluate_task(run: TaskRun, data_file: str | None = None) -> dict[str, float
 def predict_records(run: TaskRun, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Predictions for input records (`task.text_field`, optional `task.pair_field`).
 
-    Classification: `label` and `probs` (per class name); regression: `value`.
+    Classification: `label` and `probs` (per class name); regression: `value`; translation
+    (records with `task.source_field`): `translation`.
 
     Raises:
       DataError: a record without its text field.
     """
     t = run.config.task
+    if t.name == "translation":
+        from plm_jax.tasks.translation import predict_translations
+
+        return predict_translations(run, records)
     if t.name == "qa":
         from plm_jax.tasks.qa_task import predict_qa
 
