@@ -30,7 +30,7 @@ import numpy as np
 
 from plm_jax.errors import ConfigError, DataError
 
-__all__ = ["BucketBatcher", "bucket_lengths"]
+__all__ = ["BucketBatcher", "EpochBatches", "bucket_lengths"]
 
 # Per-example keys that are token sequences or bookkeeping, not [B] batch fields.
 _SEQUENCE_KEYS = ("ids", "token_types")
@@ -63,7 +63,64 @@ def bucket_lengths(max_seq_len: int, *, min_len: int = 16) -> tuple[int, ...]:
     return (*out, max_seq_len)
 
 
-class BucketBatcher:
+class EpochBatches:
+    """The position of a batcher that reads batch `k` of epoch `e` as `batch_at(e, k)`.
+
+    Subclasses define `batch_at(epoch, index)`, `batches_per_epoch` and `shuffle`, and start
+    with `self._epoch = self._batch = 0`. Iterating reads batches forever when training
+    (`shuffle`), one epoch from the current position otherwise; the state is the next batch.
+    """
+
+    _epoch: int
+    _batch: int
+    shuffle: bool
+    batches_per_epoch: int
+
+    def batch_at(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self._epoch, self._batch)
+        self._batch += 1
+        if self._batch == self.batches_per_epoch:  # the state always names the next batch
+            self._epoch, self._batch = self._epoch + 1, 0
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """Batches forever when training (`shuffle`); one epoch from the current position else."""
+        if not self.shuffle:
+            yield from self.epoch_iter()
+            return
+        while True:
+            yield next(self)
+
+    def epoch_iter(self) -> Iterator[dict[str, np.ndarray]]:
+        """The remaining batches of the current epoch; afterwards the state is the next epoch."""
+        epoch = self._epoch
+        while self._epoch == epoch:
+            yield next(self)
+
+    def get_state(self) -> dict[str, int]:
+        """`{"epoch": e, "batch": k}`: the next batch read is batch k of epoch e. JSON-able."""
+        return {"epoch": self._epoch, "batch": self._batch}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Continues from a `get_state()` result: the following batches are exactly the same.
+
+        Raises:
+          ConfigError: the state is malformed or does not fit this data and batch size.
+        """
+        epoch, batch = state.get("epoch"), state.get("batch")
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, batch))
+        if not ok or batch >= self.batches_per_epoch:
+            raise ConfigError(
+                f"batcher state {dict(state)} does not fit {self.batches_per_epoch} batches per "
+                "epoch; resume with the same task data, seed and batch size"
+            )
+        self._epoch, self._batch = epoch, batch
+
+
+class BucketBatcher(EpochBatches):
     """This process's slice of length-bucketed global batches of encoded examples.
 
     Each batch is a dict of numpy arrays with `Bl = global_batch // process_count` rows and a
@@ -196,48 +253,6 @@ class BucketBatcher:
         for name, values in self._fields.items():
             batch[name] = np.where(is_real, values[np.maximum(local, 0)], 0).astype(values.dtype)
         return batch
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self._epoch, self._batch)
-        self._batch += 1
-        if self._batch == self.batches_per_epoch:  # the state always names the next batch
-            self._epoch, self._batch = self._epoch + 1, 0
-        return batch
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        """Batches forever when training (`shuffle`); one epoch from the current position else."""
-        if not self.shuffle:
-            yield from self.epoch_iter()
-            return
-        while True:
-            yield next(self)
-
-    def epoch_iter(self) -> Iterator[dict[str, np.ndarray]]:
-        """The remaining batches of the current epoch; afterwards the state is the next epoch."""
-        epoch = self._epoch
-        while self._epoch == epoch:
-            yield next(self)
-
-    # -- state ----------------------------------------------------------------------------------
-
-    def get_state(self) -> dict[str, int]:
-        """`{"epoch": e, "batch": k}`: the next batch read is batch k of epoch e. JSON-able."""
-        return {"epoch": self._epoch, "batch": self._batch}
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        """Continues from a `get_state()` result: the following batches are exactly the same.
-
-        Raises:
-          ConfigError: the state is malformed or does not fit this data and batch size.
-        """
-        epoch, batch = state.get("epoch"), state.get("batch")
-        ok = all(isinstance(v, int) and v >= 0 for v in (epoch, batch))
-        if not ok or batch >= self.batches_per_epoch:
-            raise ConfigError(
-                f"batcher state {dict(state)} does not fit {self.batches_per_epoch} batches per "
-                "epoch; resume with the same task data and batch size"
-            )
-        self._epoch, self._batch = epoch, batch
 
     # -- statistics -----------------------------------------------------------------------------
 

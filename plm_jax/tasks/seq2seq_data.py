@@ -35,7 +35,7 @@ the config (`plm_jax.tasks.finetune` maps task fields to these arguments).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from plm_jax.errors import ConfigError, DataError
-from plm_jax.tasks.batching import _check_args
+from plm_jax.tasks.batching import EpochBatches, _check_args
 from plm_jax.tasks.classification import _jsonl_records, _longest_first
 
 __all__ = [
@@ -310,7 +310,7 @@ def count_target_tokens(batch: Mapping[str, np.ndarray]) -> int:
 # Batching: the plan and the iterator, shared by both layouts.
 
 
-class _PackedBatcher:
+class _PackedBatcher(EpochBatches):
     """Packed, length-bucketed global batches; subclasses write the rows (see module docstring).
 
     `lengths` is [N, d]: the tokens each example takes on each of the d sides of a row, and
@@ -449,48 +449,6 @@ class _PackedBatcher:
         rows, _ = self._plan(epoch)
         members = [i for row in rows[index] if row >= 0 for i in self._rows[row]]
         return int(self._target_lengths[members].sum())
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self._epoch, self._batch)
-        self._batch += 1
-        if self._batch == self.batches_per_epoch:  # the state always names the next batch
-            self._epoch, self._batch = self._epoch + 1, 0
-        return batch
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        """Batches forever when training (`shuffle`); one epoch from the current position else."""
-        if not self.shuffle:
-            yield from self.epoch_iter()
-            return
-        while True:
-            yield next(self)
-
-    def epoch_iter(self) -> Iterator[dict[str, np.ndarray]]:
-        """The remaining batches of the current epoch; afterwards the state is the next epoch."""
-        epoch = self._epoch
-        while self._epoch == epoch:
-            yield next(self)
-
-    # -- state and statistics -------------------------------------------------------------------
-
-    def get_state(self) -> dict[str, int]:
-        """`{"epoch": e, "batch": k}`: the next batch read is batch k of epoch e. JSON-able."""
-        return {"epoch": self._epoch, "batch": self._batch}
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        """Continues from a `get_state()` result: the following batches are exactly the same.
-
-        Raises:
-          ConfigError: the state is malformed or does not fit this data and batch size.
-        """
-        epoch, batch = state.get("epoch"), state.get("batch")
-        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, batch))
-        if not ok or batch >= self.batches_per_epoch:
-            raise ConfigError(
-                f"batcher state {dict(state)} does not fit {self.batches_per_epoch} batches per "
-                "epoch; resume with the same task data, seed and batch size"
-            )
-        self._epoch, self._batch = epoch, batch
 
     @property
     def padding_fraction(self) -> float:
