@@ -137,6 +137,30 @@ class CompileCounter:
 
 
 @contextmanager
+def process_times() -> Iterator[dict[str, float]]:
+    """This process's CPU seconds (user, system) and minor page faults while active.
+
+    with process_times() as used:
+        ...
+    used["minor_page_faults"]
+
+    On CPU, system time is mostly page faults: XLA allocates a step's temporary buffer on
+    every call, and the kernel maps and zeroes it page by page (docs/performance.md, CPU).
+    """
+    import resource
+
+    used: dict[str, float] = {}
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        yield used
+    finally:
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        used["cpu_user_s"] = after.ru_utime - before.ru_utime
+        used["cpu_system_s"] = after.ru_stime - before.ru_stime
+        used["minor_page_faults"] = after.ru_minflt - before.ru_minflt
+
+
+@contextmanager
 def donation_warnings() -> Iterator[list[str]]:
     """Collects the messages of jax's "Some donated buffers were not usable" warnings (a
     donated input that XLA could not reuse costs a copy and memory every step)."""

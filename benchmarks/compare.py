@@ -1,11 +1,12 @@
 """plm_jax's training step against its PyTorch peers, run alternately on the same machine.
 
     python -m benchmarks.compare --layers 4 --embed-dim 128 --heads 4 --vocab 4096 \
-        --seq-len 128 --batch 16 --steps 10 --rounds 2 [--with-compile]
+        --seq-len 128 --batch 16 --steps 10 --rounds 2 [--with-compile] [--malloc-hugetlb]
 
 Each round runs, one after another and each in a fresh subprocess, `benchmarks.train_throughput
 --preset tiny` (plm_jax) and `benchmarks.peers.torch_gpt --impl eager|hf` (plus `compile` with
-`--with-compile`), with the same shape. Subprocesses get this environment minus `XLA_FLAGS`.
+`--with-compile`), with the same shape. Subprocesses get this environment minus `XLA_FLAGS`
+(plus `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for all of them with `--malloc-hugetlb`).
 Prints one JSON line: each system's tokens/s per round and median over rounds, and the ratios
 plm_jax / peer (> 1: plm_jax is faster).
 """
@@ -22,6 +23,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+PROCESS_KEYS = ("cpu_user_s_per_step", "cpu_system_s_per_step", "minor_page_faults_per_step")
+# glibc >= 2.35: madvise(MADV_HUGEPAGE) on large allocations. XLA's CPU runtime allocates the
+# step's whole temporary buffer per call, so with 4 KiB pages every step page-faults it in.
+HUGETLB = "glibc.malloc.hugetlb=1"
 SHAPE_FLAGS = ("layers", "embed_dim", "heads", "vocab", "seq_len", "batch", "steps", "warmup")
 
 
@@ -37,6 +42,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--with-compile", action="store_true", help="also torch.compile")
+    parser.add_argument(
+        "--malloc-hugetlb",
+        action="store_true",
+        help="run every system with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge "
+        "pages for large allocations; see docs/performance.md, CPU)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
@@ -55,8 +66,11 @@ def systems(args: argparse.Namespace) -> dict[str, list[str]]:
     return out
 
 
-def run_one(cmd: list[str]) -> dict[str, Any]:
+def run_one(cmd: list[str], malloc_hugetlb: bool = False) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if malloc_hugetlb:
+        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+        env["GLIBC_TUNABLES"] = ":".join(tunables + [HUGETLB])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -68,14 +82,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cmds = systems(args)
     per_round: dict[str, list[float]] = {name: [] for name in cmds}
+    process: dict[str, dict[str, list]] = {name: {} for name in cmds}
     params: dict[str, int] = {}
     versions: dict[str, Any] = {}
     threads = None
     for r in range(args.rounds):
         for name, cmd in cmds.items():
             print(f"round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-            rec = run_one(cmd)
+            rec = run_one(cmd, args.malloc_hugetlb)
             per_round[name].append(rec["tokens_per_sec"])
+            for key in PROCESS_KEYS:
+                process[name].setdefault(key, []).append(rec.get(key))
             params[name] = rec["params_total"]
             versions.update(rec.get("versions", {}))
             threads = rec.get("threads", threads)
@@ -90,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             name: median["plm_jax"] / v for name, v in median.items() if name != "plm_jax"
         },
         "params_total": params,
+        "process_per_step_rounds": process,  # CPU seconds and minor page faults per step
         "torch_threads": threads,
+        "glibc_tunables": HUGETLB if args.malloc_hugetlb else os.environ.get("GLIBC_TUNABLES", ""),
         "host_cpu_count": os.cpu_count(),
         "versions": versions,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

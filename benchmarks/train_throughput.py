@@ -75,24 +75,34 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int) -> dict[str
 
 def _run_steps(
     step: Any, state: Any, batch: dict[str, jax.Array], warmup: int, steps: int
-) -> tuple[Any, Any, list[float], list[int]]:
+) -> tuple[Any, Any, list[float], list[int], dict[str, float]]:
     """Runs `warmup` untimed then `steps` timed calls of the jitted step.
 
     Returns:
-      (state, last metrics, the timed steps' seconds, XLA compilations during each call).
+      (state, last metrics, the timed steps' seconds, XLA compilations during each call, the
+      process's CPU seconds and minor page faults per timed step).
     """
     times, compiles = [], []
     out = None
-    for i in range(warmup + steps):
-        with common.CompileCounter() as counter:
-            start = time.perf_counter()
-            state, out = step(state, batch)
-            jax.block_until_ready((state, out))
-            seconds = time.perf_counter() - start
-        compiles.append(counter.count)
-        if i >= warmup:
+    for _ in range(warmup):
+        state, out, _, count = _one_step(step, state, batch)
+        compiles.append(count)
+    with common.process_times() as used:
+        for _ in range(steps):
+            state, out, seconds, count = _one_step(step, state, batch)
+            compiles.append(count)
             times.append(seconds)
-    return state, out, times, compiles
+    per_step = {f"{k}_per_step": v / steps for k, v in used.items()}
+    return state, out, times, compiles, per_step
+
+
+def _one_step(step: Any, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any, float, int]:
+    with common.CompileCounter() as counter:
+        start = time.perf_counter()
+        state, out = step(state, batch)
+        jax.block_until_ready((state, out))
+        seconds = time.perf_counter() - start
+    return state, out, seconds, counter.count
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -145,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         compiled = step.lower(state, batch).compile()  # also fills `step`'s cache
         compile_s = time.perf_counter() - start
         log.info("compiled in %.2f s", compile_s)
-        state, out, times, compiles = _run_steps(step, state, batch, args.warmup, args.steps)
+        run = _run_steps(step, state, batch, args.warmup, args.steps)
+        state, out, times, compiles, process = run
     last = jax.device_get(out)
     # Executables in the jitted step's cache: 1 unless some call compiled another variant.
     cache_size = step._cache_size() if hasattr(step, "_cache_size") else None  # private API
@@ -194,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "peak_flops": peak,
         "peak_flops_source": peak_source,
         "compile_s": compile_s,
+        **process,  # cpu_user_s, cpu_system_s, minor_page_faults per timed step
         "compiles_first_step": compiles[0],
         "compiles_after_first_step": sum(compiles[1:]),
         "recompiled_after_first_step": sum(compiles[1:]) > 0 or (cache_size or 0) > 1,

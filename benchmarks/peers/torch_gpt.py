@@ -24,6 +24,7 @@ import datetime
 import json
 import math
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -167,10 +168,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if i == 0 and args.impl == "compile":
             compile_s = time.perf_counter() - start
     times = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.steps):
         start = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
 
     tokens = float(args.batch * args.seq_len)
     median = statistics.median(times)
@@ -200,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "step_time_max_s": max(times),
         "step_time_stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0,
         "compile_s": compile_s,
+        "cpu_user_s_per_step": (after.ru_utime - before.ru_utime) / args.steps,
+        "cpu_system_s_per_step": (after.ru_stime - before.ru_stime) / args.steps,
+        "minor_page_faults_per_step": (after.ru_minflt - before.ru_minflt) / args.steps,
         "final_loss": loss,
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},

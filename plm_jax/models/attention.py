@@ -19,7 +19,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from plm_jax.models.layers import INIT_STD, add_bias, apply_rope, make_param, normal, zeros
+from plm_jax.models.layers import (
+    INIT_STD,
+    add_bias,
+    apply_rope,
+    make_param,
+    normal,
+    token_einsum,
+    zeros,
+)
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "Attention", "attention_mask"]
 
@@ -97,8 +105,8 @@ class Attention(nnx.Module):
         Cross-attention computes them once from the encoder output (`cross_kv` below).
         """
         w_k, w_v = (p[...].astype(self.dtype) for p in (self.w_k, self.w_v))
-        k = add_bias(jnp.einsum("BLD,DKH->BLKH", x, w_k), self.b_k)
-        v = add_bias(jnp.einsum("BLD,DKH->BLKH", x, w_v), self.b_v)
+        k = add_bias(token_einsum("BLD,DKH->BLKH", x, w_k), self.b_k)
+        v = add_bias(token_einsum("BLD,DKH->BLKH", x, w_v), self.b_v)
         return k, v
 
     def __call__(
@@ -131,7 +139,7 @@ class Attention(nnx.Module):
           ([B, L, D], the updated (k, v) buffers or None).
         """
         w_q, w_o = (p[...].astype(self.dtype) for p in (self.w_q, self.w_o))
-        q = add_bias(jnp.einsum("BLD,DNH->BLNH", x, w_q), self.b_q)
+        q = add_bias(token_einsum("BLD,DNH->BLNH", x, w_q), self.b_q)
         k, v = self.project_kv(x) if cross_kv is None else cross_kv
         if rope is not None:
             q = apply_rope(q, *rope)
@@ -148,5 +156,5 @@ class Attention(nnx.Module):
         out = jax.nn.dot_product_attention(
             q, k, v, bias=bias, mask=mask, implementation=self.implementation
         )
-        y = jnp.einsum("BLNH,NHD->BLD", out, w_o)
+        y = token_einsum("BLNH,NHD->BLD", out, w_o)
         return add_bias(y, self.b_o), kv

@@ -42,6 +42,7 @@ __all__ = [
     "rope_frequencies",
     "rope_scaling_from_config",
     "rope_tables",
+    "token_einsum",
 ]
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
@@ -82,6 +83,29 @@ def add_bias(y: jax.Array, bias: nnx.Param | None) -> jax.Array:
     return y if bias is None else y + bias[...].astype(y.dtype)
 
 
+def token_einsum(spec: str, x: jax.Array, w: jax.Array, **kwargs: Any) -> jax.Array:
+    """`jnp.einsum(spec, x, w, **kwargs)` for activations x: [B, L, ...] and a weight w, with
+    B and L merged into one token axis `T` for the product ("BLD,DF->BLF" runs as "TD,DF->TF").
+
+    Merging is a free reshape. It matters for the weight gradient, which contracts over both
+    B and L: XLA's CPU backend turns a two-axis contraction into a matrix product by copying
+    an operand into a transposed layout, and fuses the operand's elementwise producers into
+    that copy, so the residual stream's gradient (through every later layer) was recomputed
+    in each such copy (`benchmarks/profile_cpu.py`, docs/performance.md "CPU").
+
+    Raises:
+      ValueError: `spec` does not start x and the output with `BL`, or names B or L in w.
+    """
+    operands, out = spec.split("->")
+    x_spec, w_spec = operands.split(",")
+    if x_spec[:2] != "BL" or out[:2] != "BL" or "B" in w_spec or "L" in w_spec:
+        raise ValueError(f"token_einsum needs 'BL...,W->BL...' with no B/L in W, got {spec!r}")
+    batch, length = x.shape[:2]
+    tokens = x.reshape(batch * length, *x.shape[2:])
+    y = jnp.einsum(f"T{x_spec[2:]},{w_spec}->T{out[2:]}", tokens, w, **kwargs)
+    return y.reshape(batch, length, *y.shape[1:])
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when `key` is None (deterministic) or `rate` is 0."""
     if key is None or rate == 0.0:
@@ -119,7 +143,7 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> logits [B, L, V] float32 (accumulated in float32)."""
         table = self.embedding[...].astype(self.dtype)
-        return jnp.einsum("BLD,VD->BLV", x, table, preferred_element_type=jnp.float32)
+        return token_einsum("BLD,VD->BLV", x, table, preferred_element_type=jnp.float32)
 
 
 class LayerNorm(nnx.Module):
@@ -205,10 +229,10 @@ class GeluMlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]."""
-        h = add_bias(jnp.einsum("BLD,DF->BLF", x, self.w_in[...].astype(self.dtype)), self.b_in)
+        h = add_bias(token_einsum("BLD,DF->BLF", x, self.w_in[...].astype(self.dtype)), self.b_in)
         h = jax.nn.gelu(h, approximate=self.approximate)
         return add_bias(
-            jnp.einsum("BLF,FD->BLD", h, self.w_out[...].astype(self.dtype)), self.b_out
+            token_einsum("BLF,FD->BLD", h, self.w_out[...].astype(self.dtype)), self.b_out
         )
 
 
@@ -217,9 +241,9 @@ class ReluMlp(GeluMlp):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]."""
-        h = add_bias(jnp.einsum("BLD,DF->BLF", x, self.w_in[...].astype(self.dtype)), self.b_in)
+        h = add_bias(token_einsum("BLD,DF->BLF", x, self.w_in[...].astype(self.dtype)), self.b_in)
         return add_bias(
-            jnp.einsum("BLF,FD->BLD", jax.nn.relu(h), self.w_out[...].astype(self.dtype)),
+            token_einsum("BLF,FD->BLD", jax.nn.relu(h), self.w_out[...].astype(self.dtype)),
             self.b_out,
         )
 
@@ -252,11 +276,11 @@ class SwiGluMlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]."""
-        gate = jnp.einsum("BLD,DF->BLF", x, self.w_gate[...].astype(self.dtype))
-        up = jnp.einsum("BLD,DF->BLF", x, self.w_up[...].astype(self.dtype))
+        gate = token_einsum("BLD,DF->BLF", x, self.w_gate[...].astype(self.dtype))
+        up = token_einsum("BLD,DF->BLF", x, self.w_up[...].astype(self.dtype))
         h = self.activation(add_bias(gate, self.b_gate)) * add_bias(up, self.b_up)
         return add_bias(
-            jnp.einsum("BLF,FD->BLD", h, self.w_down[...].astype(self.dtype)), self.b_down
+            token_einsum("BLF,FD->BLD", h, self.w_down[...].astype(self.dtype)), self.b_down
         )
 
 

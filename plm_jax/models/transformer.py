@@ -42,6 +42,7 @@ from plm_jax.models.layers import (
     normal,
     rope_scaling_from_config,
     rope_tables,
+    token_einsum,
 )
 from plm_jax.models.sizes import resolve_model_config
 from plm_jax.sharding import constrain
@@ -362,7 +363,7 @@ class Decoder(Stack):
             logits = constrain(self.embed.attend(hidden), LOGIT_AXES)
         elif lm_logits:
             w = self.head[...].astype(hidden.dtype)
-            logits = jnp.einsum("BLD,DV->BLV", hidden, w, preferred_element_type=jnp.float32)
+            logits = token_einsum("BLD,DV->BLV", hidden, w, preferred_element_type=jnp.float32)
             logits = constrain(logits, LOGIT_AXES)
         if cache is not None:
             real_next = jnp.where(segment_ids != 0, positions + 1, 0).max(axis=1)
