@@ -248,6 +248,7 @@ def losses(run_dir):
     return {d["step"]: d["train/loss"] for d in lines if "train/loss" in d}
 
 
+@pytest.mark.e2e
 def test_mlm_pretraining_learns_and_resumes_exactly(tmp_path, small_corpus, small_tokenizer):
     whole = mlm_config(tmp_path, small_corpus, small_tokenizer, 12, "train.lr=3e-3", name="w")
     loop.pretrain(whole, show_progress=False)

@@ -88,6 +88,7 @@ def losses(run_dir):
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+@pytest.mark.e2e
 def test_classification_learns_predicts_and_evaluates(tmp_path, tiny_run, sentiment, capsys):
     cfg = ft_config(tmp_path, cls_args(sentiment), tiny_run, "train.steps=36")
     result = ft_mod.finetune(cfg, show_progress=False)
@@ -111,6 +112,7 @@ def test_classification_learns_predicts_and_evaluates(tmp_path, tiny_run, sentim
     assert all(abs(sum(p["probs"].values()) - 1) < 1e-5 for p in preds)
 
 
+@pytest.mark.e2e
 def test_resume_mid_epoch_is_exact(tmp_path, tiny_run, sentiment):
     # 180 examples / 16 = 12 batches per epoch; the interruption falls mid-epoch 2.
     args = cls_args(sentiment) + ["train.steps=20", "checkpoint.save_every=5"]
@@ -221,9 +223,11 @@ def test_early_stopping_and_regression(tmp_path, tiny_run):
     rows = [{"text": " ".join(["good"] * k + ["the"] * 3), "label": float(k)} for k in range(40)]
     data = write_jsonl(tmp_path / "reg.jsonl", rows)
     args = ["task.name=regression", f"task.train_file={data}", "task.holdout_fraction=0.25"]
-    args += ["train.steps=60", "train.eval_every=2", "task.patience=2", "train.lr=1e-9"]
+    # An update of 1e-30 vanishes against every float32 parameter, so the eval metric is the
+    # same at every evaluation: the best is set at step 2, steps 4 and 6 are no improvement.
+    args += ["train.steps=60", "train.eval_every=2", "task.patience=2", "train.lr=1e-30"]
     result = ft_mod.finetune(ft_config(tmp_path, args, tiny_run), show_progress=False)
-    assert result["early_stopped"] and result["step"] < 60
+    assert result["early_stopped"] and result["step"] == 6
     assert {"eval/pearson", "eval/spearman", "eval/mse"} <= set(result)
 
 
@@ -272,6 +276,7 @@ SQUAD = {
 }
 
 
+@pytest.mark.e2e
 def test_qa_finetune_predicts_spans_with_offsets(tmp_path, tiny_run):
     data = tmp_path / "squad.json"
     data.write_text(json.dumps(SQUAD))

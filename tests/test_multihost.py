@@ -159,6 +159,7 @@ def eval_model_and_examples():
     return graphdef, jax.device_get(params), examples
 
 
+@pytest.mark.e2e
 def test_two_process_evaluation_counts_every_example_once(tmp_path):
     from plm_jax.config import MeshConfig
     from plm_jax.sharding import make_mesh

@@ -217,6 +217,7 @@ def uninterrupted(tmp_path_factory, small_corpus, small_tokenizer):
     return tmp, losses(tmp / "whole"), final_params(cfg)
 
 
+@pytest.mark.e2e
 def test_resume_is_bit_identical(uninterrupted, small_corpus, small_tokenizer):
     tmp, whole, whole_params = uninterrupted
     loop.pretrain(
@@ -234,6 +235,7 @@ def test_resume_is_bit_identical(uninterrupted, small_corpus, small_tokenizer):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.e2e
 def test_resume_on_another_mesh(uninterrupted, small_corpus, small_tokenizer):
     tmp, whole, whole_params = uninterrupted
     loop.pretrain(
