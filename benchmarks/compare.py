@@ -1,14 +1,27 @@
 """plm_jax's training step against its PyTorch peers, run alternately on the same machine.
 
-    python -m benchmarks.compare --layers 4 --embed-dim 128 --heads 4 --vocab 4096 \
-        --seq-len 128 --batch 16 --steps 10 --rounds 2 [--with-compile] [--malloc-hugetlb]
+    python -m benchmarks.compare [--preset P] [--layers 4 --embed-dim 128 --heads 4 \
+        --vocab 4096] --seq-len 128 --batch 16 --steps 10 --rounds 2 [--with-compile] \
+        [--malloc-hugetlb]
 
 Each round runs, one after another and each in a fresh subprocess, `benchmarks.train_throughput
---preset tiny` (plm_jax) and `benchmarks.peers.torch_gpt --impl eager|hf` (plus `compile` with
-`--with-compile`), with the same shape. Subprocesses get this environment minus `XLA_FLAGS`
-(plus `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for all of them with `--malloc-hugetlb`).
-Prints one JSON line: each system's tokens/s per round and median over rounds, and the ratios
-plm_jax / peer (> 1: plm_jax is faster).
+--preset P` (plm_jax) and the preset family's PyTorch peers with the same shape:
+
+- GPT-2 style decoders (`tiny`, the quick start's model, and `gpt2-*`): `peers.torch_gpt
+  --impl eager|hf` (a plain PyTorch GPT and transformers' `GPT2LMHeadModel`);
+- BERT style encoders (`bert-*`): `peers.torch_bert --impl eager|hf` (`BertForMaskedLM`);
+- LLaMA style decoders (`llama-*`): `peers.torch_llama --impl eager|hf` (`LlamaForCausalLM`).
+
+`--with-compile` adds `--impl compile` (torch.compile) for the GPT peer. The shape flags
+override the preset's sizes (the tiny preset's defaults are the quick start's 4 x 128, 4 heads,
+vocab 4096); the other sizes (MLP width, kv heads, head size) are the preset's, resolved as
+plm_jax resolves them, and passed to the peer. Subprocesses get this environment minus
+`XLA_FLAGS` (plus `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for all of them with
+`--malloc-hugetlb`). Prints one JSON line: each system's tokens/s per round and median over
+rounds, and the ratios plm_jax / peer (> 1: plm_jax is faster).
+
+What it leaves out: encoder-decoder presets (`t5-*`) have no peer here; their throughput is
+`benchmarks.train_throughput`'s alone.
 """
 
 from __future__ import annotations
@@ -28,14 +41,18 @@ PROCESS_KEYS = ("cpu_user_s_per_step", "cpu_system_s_per_step", "minor_page_faul
 # step's whole temporary buffer per call, so with 4 KiB pages every step page-faults it in.
 HUGETLB = "glibc.malloc.hugetlb=1"
 SHAPE_FLAGS = ("layers", "embed_dim", "heads", "vocab", "seq_len", "batch", "steps", "warmup")
+TINY_SHAPE = {"layers": 4, "embed_dim": 128, "heads": 4, "vocab": 4096}  # the quick start's
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from plm_jax.config import MODEL_PRESETS
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--embed-dim", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--layers", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--embed-dim", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--heads", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--vocab", type=int, default=None, help="default: the preset's")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
@@ -51,7 +68,55 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    try:
+        args.peer, args.peer_flags = peer_for(args)
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def peer_for(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """Fills args' unset sizes from the preset; returns the peer module and its extra flags.
+
+    Raises:
+      ValueError: the preset's family or variant has no PyTorch peer here.
+    """
+    from benchmarks import common
+    from plm_jax.config import MODEL_PRESETS
+    from plm_jax.models.sizes import resolve_model_config
+
+    preset = MODEL_PRESETS[args.preset]
+    fields = {"layers": "num_layers", "embed_dim": "embed_dim", "heads": "num_heads"}
+    fields["vocab"] = "vocab_size"
+    for flag, field in fields.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, preset[field] if preset else TINY_SHAPE[flag])
+    # exactly the config train_throughput builds from these flags
+    plm_args = argparse.Namespace(
+        preset=args.preset,
+        vocab=args.vocab,
+        layers=args.layers,
+        embed_dim=args.embed_dim,
+        heads=args.heads,
+        dtype="float32",
+        remat="none",
+        scan=False,
+        attention="xla",
+    )
+    cfg, _ = common.model_config(plm_args, args.seq_len)
+    cfg = resolve_model_config(cfg)
+    positions = ["--max-seq-len", str(cfg.max_seq_len)]  # as many parameters as plm_jax
+    if cfg.family == "encoder":
+        return "torch_bert", ["--mlp-dim", str(cfg.mlp_dim)] + positions
+    if cfg.family != "decoder":
+        raise ValueError(f"--preset {args.preset}: no PyTorch peer for the {cfg.family} family")
+    if (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu"):
+        return "torch_gpt", positions
+    if (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu"):
+        sizes = {"mlp-dim": cfg.mlp_dim, "kv-heads": cfg.num_kv_heads, "head-dim": cfg.head_dim}
+        sizes["rope-theta"] = cfg.rope_theta
+        return "torch_llama", [x for k, v in sizes.items() for x in (f"--{k}", str(v))]
+    raise ValueError(f"--preset {args.preset}: no PyTorch peer for this decoder variant")
 
 
 def systems(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -59,10 +124,14 @@ def systems(args: argparse.Namespace) -> dict[str, list[str]]:
     for name in SHAPE_FLAGS:
         shape += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     py = [sys.executable, "-m"]
-    out = {"plm_jax": py + ["benchmarks.train_throughput", "--preset", "tiny"] + shape}
-    impls = ["eager", "hf"] + (["compile"] if args.with_compile else [])
+    plm = py + ["benchmarks.train_throughput", "--preset", args.preset]
+    out = {"plm_jax": plm + shape}
+    impls = ["eager", "hf"] + (
+        ["compile"] if args.with_compile and args.peer == "torch_gpt" else []
+    )
+    peer = py + [f"benchmarks.peers.{args.peer}"]
     for impl in impls:
-        out[f"torch-{impl}"] = py + ["benchmarks.peers.torch_gpt", "--impl", impl] + shape
+        out[f"torch-{impl}"] = peer + ["--impl", impl] + shape + args.peer_flags
     return out
 
 
@@ -99,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     median = {name: statistics.median(v) for name, v in per_round.items()}
     record = {
         "benchmark": "compare",
+        "preset": args.preset,
+        "peer": f"benchmarks.peers.{args.peer}",
         "shape": {name: getattr(args, name) for name in SHAPE_FLAGS},
         "rounds": args.rounds,
         "tokens_per_sec_median": median,

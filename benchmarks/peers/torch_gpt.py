@@ -14,20 +14,17 @@ Optimizer: AdamW(fused=False, betas 0.9/0.95, eps 1e-8, lr 3e-4 constant), weigh
 stays eager), `hf` builds `transformers.GPT2LMHeadModel` with the same config (eager, its default
 attention implementation). Synthetic batch of random ids; `--warmup` untimed steps (for
 `compile` the first one compiles and is reported as `compile_s`), then `--steps` steps timed by
-wall clock. Prints one JSON line with train_throughput's key names where they apply.
+wall clock. `--max-seq-len` sizes the position table (default `--seq-len`; `compare` passes the
+preset's, so both systems train as many parameters). Prints one JSON line with
+train_throughput's key names where they apply. The
+flags, optimizer, timed loop and record are `benchmarks.peers.common`'s, shared with the other
+peers.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import platform
-import resource
-import statistics
-import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-INIT_STD = 0.02
-LR = 3e-4
+from benchmarks.peers import common
+
+INIT_STD = common.INIT_STD
+LR = common.LR  # benchmarks.profile_cpu builds its optimizer with torch_gpt.LR
 
 
 class Block(nn.Module):
@@ -107,22 +106,14 @@ def hf_model(layers: int, d: int, heads: int, vocab: int, max_seq_len: int) -> n
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.torch_gpt")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--embed-dim", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--seq-len", type=int, required=True)
-    parser.add_argument("--batch", type=int, required=True)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--impl", default="eager", choices=["eager", "compile", "hf"])
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
-    if args.impl == "compile" and args.warmup < 1:
-        parser.error("--impl compile needs --warmup >= 1 (the first step compiles)")
+    parser = common.make_parser("python -m benchmarks.peers.torch_gpt", ["eager", "compile", "hf"])
+    parser.add_argument(
+        "--max-seq-len", type=int, default=0, help="position table rows; 0: --seq-len"
+    )
+    args = common.parse_args(parser, argv)
+    args.max_seq_len = args.max_seq_len or args.seq_len
+    if args.max_seq_len < args.seq_len:
+        parser.error(f"--max-seq-len {args.max_seq_len} is shorter than --seq-len {args.seq_len}")
     return args
 
 
@@ -130,95 +121,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, prints its record as one JSON line and returns it."""
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    shape = (args.layers, args.embed_dim, args.heads, args.vocab, args.seq_len)
+    shape = (args.layers, args.embed_dim, args.heads, args.vocab, args.max_seq_len)
     if args.impl == "hf":
         model = hf_model(*shape)
         forward = lambda ids: model(input_ids=ids).logits  # noqa: E731
     else:
         model = GPT(*shape)
         forward = torch.compile(model) if args.impl == "compile" else model
-    model.train()
-    params_total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors once
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=LR,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        fused=False,
-    )
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=gen)
-    inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        logits = forward(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, args.vocab).float(), targets.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss.item()  # synchronises (CPU: already synchronous)
-
-    compile_s = None
-    for i in range(args.warmup):
-        start = time.perf_counter()
-        step()
-        if i == 0 and args.impl == "compile":
-            compile_s = time.perf_counter() - start
-    times = []
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - start)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-
-    tokens = float(args.batch * args.seq_len)
-    median = statistics.median(times)
-    record = {
-        "benchmark": "train_throughput",
-        "system": f"torch-{args.impl}",
-        "impl": args.impl,
-        "model": {
-            "num_layers": args.layers,
-            "embed_dim": args.embed_dim,
-            "num_heads": args.heads,
-            "vocab_size": args.vocab,
-            "max_seq_len": args.seq_len,
-        },
-        "params_total": params_total,
-        "dtype": "float32",
-        "batch": args.batch,
-        "seq_len": args.seq_len,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "real_tokens_per_step": tokens,
-        "padded_tokens_per_step": tokens,
-        "tokens_per_sec": tokens / median,
-        "padded_tokens_per_sec": tokens / median,
-        "step_time_median_s": median,
-        "step_time_min_s": min(times),
-        "step_time_max_s": max(times),
-        "step_time_stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-        "compile_s": compile_s,
-        "cpu_user_s_per_step": (after.ru_utime - before.ru_utime) / args.steps,
-        "cpu_system_s_per_step": (after.ru_stime - before.ru_stime) / args.steps,
-        "minor_page_faults_per_step": (after.ru_minflt - before.ru_minflt) / args.steps,
-        "final_loss": loss,
-        "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    summary = {
+        "num_layers": args.layers,
+        "embed_dim": args.embed_dim,
+        "num_heads": args.heads,
+        "vocab_size": args.vocab,
+        "max_seq_len": args.max_seq_len,
     }
-    if args.impl == "hf":
-        import transformers
-
-        record["versions"]["transformers"] = transformers.__version__
-        record["attn_implementation"] = model.config._attn_implementation
-    sys.stdout.write(json.dumps(record, allow_nan=False) + "\n")
-    sys.stdout.flush()
-    return record
+    return common.run_benchmark(args, model, forward, summary)
 
 
 if __name__ == "__main__":
