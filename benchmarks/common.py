@@ -204,6 +204,16 @@ def peak_memory_bytes(devices: list[jax.Device]) -> int | None:
     return max(peaks) if peaks else None
 
 
+def max_rss_bytes() -> int:
+    """This process's peak resident memory so far (bytes): on CPU, where the device memory
+    is host memory, the measured counterpart of `compiled_memory`'s estimate (it includes the
+    Python and jax runtime, a few hundred MB)."""
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return int(kib) * 1024
+
+
 def compiled_memory(compiled: Any) -> dict[str, int] | None:
     """XLA's per-device memory estimate of a compiled program (bytes), or None."""
     try:

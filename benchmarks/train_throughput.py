@@ -213,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "donation_warnings": donation,
         "peak_memory_bytes": common.peak_memory_bytes(devices),
         "compiled_memory_bytes": common.compiled_memory(compiled),
+        "host_max_rss_bytes": common.max_rss_bytes(),
         "final_loss": float(last["train/loss"]),
         **common.environment(),
     }

@@ -50,6 +50,8 @@ def test_train_throughput_record(capsys):
     assert record["flops_formula"] == flops["formula"]
     assert record["peak_flops_source"].startswith("measured")
     assert record["device_count"] == record["mesh"]["data"] >= 1
+    # the process's peak RSS holds at least the compiled program's buffers
+    assert record["host_max_rss_bytes"] >= record["compiled_memory_bytes"]["total_excl_alias"] > 0
 
 
 def test_infer_throughput_record(capsys):
