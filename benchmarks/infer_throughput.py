@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import common
-from plm_jax import metrics
+from plm_jax import host_malloc, metrics
 from plm_jax.infer import generate_ids
 from plm_jax.models import Decoder
 
@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     common.setup_logging()
     args = parse_args(argv)
     flags_added = common.apply_xla_flags(args)  # before jax.devices() starts the backend
+    malloc = host_malloc.tune()  # as the plm-jax command does, before the backend starts
     model_cfg, overrides = common.model_config(args, min_seq_len=args.prompt_len + args.new_tokens)
     device = jax.devices()[0]
     with jax.default_device(device):
@@ -110,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "attention": args.attention,
         "xla_gpu_flags": bool(args.xla_gpu_flags),
         "xla_gpu_flags_added": flags_added,
+        "host_malloc": malloc,  # glibc settings applied (plm_jax/host_malloc.py) or None
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,

@@ -49,6 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import common
 from benchmarks.train_throughput import synthetic_batch
+from plm_jax import host_malloc
 from plm_jax.config import MeshConfig, TrainConfig
 from plm_jax.models.sizes import resolve_model_config
 from plm_jax.sharding import batch_sharding, make_mesh, use_mesh
@@ -419,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Profiles, prints the table(s) on stderr and the record as one JSON line; returns it."""
     common.setup_logging()
     args = parse_args(argv)
+    host_malloc.tune()  # profile the step users run (plm-jax applies it too)
     cfg, _ = common.model_config(args, min_seq_len=args.seq_len)
     cfg = resolve_model_config(cfg)
     rec = profile_jax(args)

@@ -5,7 +5,7 @@ with a least-squares fit of the cost against its expected growth.
     python -m benchmarks.scaling --sweep size  [--seq-len 256 --batch 4]
     python -m benchmarks.scaling --sweep remat [--preset gpt2-124m --seq-len 512 --batch 2]
         [--steps 3] [--warmup 1] [--seq-lens 128,256,...] [--sizes 4x128,12x768,...]
-        [--remats none,dots,full] [--markdown]
+        [--remats none,dots,full] [--scan] [--markdown]
 
 Every point is one `benchmarks.train_throughput` run in a fresh subprocess (so each point's peak
 resident memory is its own; `XLA_FLAGS` as in this environment). Prints each point's record
@@ -24,8 +24,9 @@ The fits (per trained token; F = model FLOPs, metrics.train_flops_per_token with
   FLOPs (6N plus attention), at the fitted rate r, plus a per-token constant a.
 - remat: a table only (the cost of recomputation against its memory saving).
 
-Each fit reports its coefficients, R^2 and every point's relative residual, so a point that
-does not follow the expected growth (a cache or memory-bandwidth cliff) stands out.
+Each fit minimises the points' relative errors and reports its coefficients, R^2 and every
+point's relative residual, so a point that does not follow the expected growth (a cache or
+memory-bandwidth cliff) stands out.
 
 What it leaves out: the sweeps are of the decoder family (GPT-2 style by default; any
 `--preset` works); encoder and encoder-decoder presets run but their fits use the same model.
@@ -76,6 +77,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--remats", default=None, help="remat: comma-separated policies")
     parser.add_argument("--seq-len", type=int, default=None, help="size, remat: T")
     parser.add_argument("--batch", type=int, default=None, help="size, remat: B")
+    parser.add_argument("--scan", action="store_true", help="every point with scanned layers")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--markdown", action="store_true", help="also print the table")
@@ -125,6 +127,8 @@ def command(args: argparse.Namespace, point: dict[str, Any]) -> list[str]:
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.vocab is not None:
         cmd += ["--vocab", str(args.vocab)]
+    if args.scan:
+        cmd.append("--scan")
     for key, value in point.items():
         cmd += ["--" + key.replace("_", "-"), str(value)]
     return cmd
@@ -138,7 +142,9 @@ def run_point(cmd: list[str]) -> dict[str, Any]:
 
 
 def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
-    """Least squares y = a + b*x: a, b, R^2 and each point's relative residual (fit/y - 1).
+    """y = a + b*x by least squares on the relative error (each point weighted by 1/y, so a
+    sweep whose times span orders of magnitude is not fitted to its largest point alone): a,
+    b, R^2 and each point's relative residual (fit/y - 1).
 
     Raises:
       ValueError: fewer than two distinct x.
@@ -146,8 +152,8 @@ def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(set(xs.tolist())) < 2:
         raise ValueError("a linear fit needs at least two distinct x")
-    design = np.stack([np.ones_like(xs), xs], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, ys, rcond=None)
+    design = np.stack([np.ones_like(xs), xs], axis=1) / ys[:, None]
+    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(ys), rcond=None)
     fitted = a + b * xs
     total = float(np.sum((ys - ys.mean()) ** 2))
     r2 = 1.0 - float(np.sum((ys - fitted) ** 2)) / total if total > 0 else 1.0
@@ -195,6 +201,7 @@ def row(record: dict[str, Any]) -> dict[str, Any]:
         "seq_len": record["seq_len"],
         "batch": record["batch"],
         "remat": record["remat"],
+        "scan_layers": record.get("scan_layers"),
         "tokens_per_sec": record["tokens_per_sec"],
         "step_time_median_s": record["step_time_median_s"],
         "mfu": record["mfu"],
@@ -238,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "scaling",
         "sweep": args.sweep,
         "preset": args.preset,
+        "scan_layers": args.scan,
         "steps": args.steps,
         "warmup": args.warmup,
         "rows": [row(r) for r in records],

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import common
-from plm_jax import metrics
+from plm_jax import host_malloc, metrics
 from plm_jax.config import MeshConfig, TrainConfig
 from plm_jax.sharding import batch_sharding, make_mesh, use_mesh
 from plm_jax.train.optimizer import lr_schedule, make_optimizer
@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     common.setup_logging()
     args = parse_args(argv)
     flags_added = common.apply_xla_flags(args)  # before jax.devices() starts the backend
+    malloc = host_malloc.tune()  # as the plm-jax command does, before the backend starts
     model_cfg, overrides = common.model_config(args, min_seq_len=args.seq_len)
     devices = jax.devices()
     data, fsdp, tensor = args.mesh_sizes
@@ -184,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "attention": args.attention,
         "xla_gpu_flags": bool(args.xla_gpu_flags),
         "xla_gpu_flags_added": flags_added,
+        "host_malloc": malloc,  # glibc settings applied (plm_jax/host_malloc.py) or None
         "batch": args.batch,
         "seq_len": args.seq_len,
         "steps": args.steps,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from plm_jax import __version__
+from plm_jax import __version__, host_malloc
 from plm_jax.distributed import exit_on_failure
 from plm_jax.errors import ConfigError, DataError, UserError
 from plm_jax.train.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -29,6 +29,7 @@ EXIT_USER_ERROR = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    host_malloc.tune()  # before jax starts: CPU steps stop page-faulting their buffers
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

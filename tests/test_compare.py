@@ -75,6 +75,7 @@ def test_what_has_no_peer_is_a_usage_error(argv, capsys):
 
 
 @pytest.mark.hf
+@pytest.mark.e2e
 def test_an_alternating_run_reports_medians_and_ratios(capsys):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

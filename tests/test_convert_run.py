@@ -102,6 +102,7 @@ def test_convert_refuses_to_overwrite_and_needs_a_tokenizer(hf_gpt2, tmp_path, c
     assert main(["convert", "--from", "hf", "--to", "hf", "--input", "a", "--output", "b"]) == 2
 
 
+@pytest.mark.e2e
 def test_pretraining_continues_from_a_converted_model(hf_gpt2, tmp_path, small_corpus):
     from plm_jax.config import load_config
     from plm_jax.metrics import read_metrics

@@ -152,6 +152,7 @@ def test_sigterm_stops_fine_tuning_with_a_checkpoint_and_resumes_exactly(
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_matches_one_batch():
     cfg = ModelConfig(vocab_size=64, num_layers=1, embed_dim=16, num_heads=2, max_seq_len=16)
     model = TaskModel(cfg, "classification", 3, "mean", rngs=nnx.Rngs(0))

@@ -65,8 +65,9 @@ def test_points_and_commands():
     args = scaling.parse_args(["--sweep", "size", "--sizes", "2x128,24x1024"])
     assert args.points[1] == {"layers": 24, "embed_dim": 1024, "heads": 16, "seq_len": 256,
                               "batch": 4}  # fmt: skip
-    args = scaling.parse_args(["--sweep", "remat", "--remats", "none,full"])
+    args = scaling.parse_args(["--sweep", "remat", "--remats", "none,full", "--scan"])
     assert [p["remat"] for p in args.points] == ["none", "full"]
+    assert "--scan" in scaling.command(args, args.points[1])
 
 
 @pytest.mark.parametrize(
@@ -84,6 +85,7 @@ def test_bad_points_are_usage_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_a_real_size_sweep(capsys, monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device per point, not the 8 here
     argv = ["--sweep", "size", "--preset", "tiny", "--vocab", "64", "--sizes", "1x64,2x64"]
