@@ -17,8 +17,10 @@ override the preset's sizes (the tiny preset's defaults are the quick start's 4 
 vocab 4096); the other sizes (MLP width, kv heads, head size) are the preset's, resolved as
 plm_jax resolves them, and passed to the peer. Subprocesses get this environment minus
 `XLA_FLAGS` (plus `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for all of them with
-`--malloc-hugetlb`). Prints one JSON line: each system's tokens/s per round and median over
-rounds, and the ratios plm_jax / peer (> 1: plm_jax is faster).
+`--malloc-hugetlb`). plm_jax tunes glibc's malloc itself (`plm_jax.host_malloc`, as the
+`plm-jax` command does); the peers run with PyTorch's defaults, unless `--malloc-hugetlb`
+gives every system the same setting. Prints one JSON line: each system's tokens/s per round
+and median over rounds, and the ratios plm_jax / peer (> 1: plm_jax is faster).
 
 What it leaves out: encoder-decoder presets (`t5-*`) have no peer here; their throughput is
 `benchmarks.train_throughput`'s alone.

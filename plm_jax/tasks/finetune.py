@@ -49,6 +49,7 @@ from plm_jax.train.loop import (
     load_init_params,
     resolve_init_from,
     resolve_vocab,
+    warn_if_remat_saves_nothing,
 )
 from plm_jax.train.optimizer import layerwise_lr_factors, lr_schedule, make_optimizer
 from plm_jax.train.preemption import Preempted, SignalGuard
@@ -242,6 +243,7 @@ def setup(cfg: Config, *, show_progress: bool = True) -> FineTuner:
             "converted model) or tokenizer.path"
         )
     validate_for_devices(cfg, jax.device_count())
+    warn_if_remat_saves_nothing(cfg.model, jax.default_backend())
     tokenizer = Tokenizer.load(cfg.tokenizer.path)
     cfg = dataclasses.replace(cfg, model=resolve_vocab(cfg.model, tokenizer))
     mesh = make_mesh(cfg.mesh)

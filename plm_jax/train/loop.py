@@ -153,10 +153,25 @@ def load_init_params(cfg: Config, params: Any, shardings: Any) -> Any:
     return restored
 
 
+def warn_if_remat_saves_nothing(model: ModelConfig, backend: str) -> bool:
+    """Logs (and returns True) when `model.remat` cannot save memory: on CPU with unrolled
+    layers XLA drops remat's optimization barriers and merges the recomputation away
+    (docs/performance.md, "Remat on CPU")."""
+    if model.remat == "none" or model.use_scan_layers or backend != "cpu":
+        return False
+    log.warning(
+        "model.remat=%s saves no memory on CPU with unrolled layers (XLA merges the "
+        "recomputation away); set model.use_scan_layers=true for it to take effect",
+        model.remat,
+    )
+    return True
+
+
 def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
     """Builds (or restores) everything a run needs, before any step is compiled."""
     cfg = resolve_init_from(cfg)
     validate_for_devices(cfg, jax.device_count())
+    warn_if_remat_saves_nothing(cfg.model, jax.default_backend())
     mesh = make_mesh(cfg.mesh)
     is_primary = jax.process_index() == 0
     tokenizer = load_or_train_tokenizer(cfg, show_progress=show_progress and is_primary)
