@@ -9,11 +9,12 @@ about a quarter of the process's CPU time (docs/performance.md, "CPU").
 
 `tune()` sets, through `mallopt`, one arena for all threads (`M_ARENA_MAX=1`), no `mmap` for
 large blocks (`M_MMAP_MAX=0`) and no trimming of the heap's top (`M_TRIM_THRESHOLD`), so a freed
-step buffer stays in the heap and the next step reuses its pages: the faults per step drop to
-~0 and the quick-start step runs about 30% faster. The cost: the process keeps its peak heap
-(a training process reaches it every step anyway). It must run before jax starts its backend
-(before XLA's threads first allocate): the `plm-jax` command line and the benchmarks call it
-first thing.
+step buffer stays in the heap and the next step reuses its pages. Most steps then fault no
+page; about one in six maps the buffer again, where the small allocations made between steps
+have fragmented the heap. The quick-start step runs about 30% faster. The cost: the process
+keeps its peak heap (a training process reaches it every step anyway). It must run before jax
+starts its backend (before XLA's threads first allocate): the `plm-jax` command line and the
+benchmarks call it first thing.
 
 What it leaves out: processes that will run on an accelerator (`JAX_PLATFORMS` naming another
 platform first, or, with `JAX_PLATFORMS` unset, a GPU/TPU plugin installed: their step buffers

@@ -13,7 +13,7 @@ from plm_jax import host_malloc
 # The quick start's train step at 2 layers: XLA allocates its 148 MB temporary buffer on every
 # step (from its worker threads' arenas, hence with mmap) and frees it after.
 STEP = ["--preset", "tiny", "--layers", "2", "--embed-dim", "128", "--heads", "4"]
-STEP += ["--vocab", "4096", "--seq-len", "128", "--batch", "16", "--steps", "3", "--warmup", "1"]
+STEP += ["--vocab", "4096", "--seq-len", "128", "--batch", "16", "--steps", "8", "--warmup", "3"]
 STEP += ["--peak-matmul-size", "256"]
 
 
@@ -41,9 +41,10 @@ def test_a_tuned_train_step_stops_faulting_its_buffer_in():
     assert default["host_malloc"] is None
     assert tuned["host_malloc"] == {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": -1}
     temp_pages = default["compiled_memory_bytes"]["temp"] / 4096
-    # untuned, most of the temporary buffer is mapped afresh each step (36k of 36k pages here);
-    # tuned, the freed buffer stays in the heap (9k faults per step measured, from allocations
-    # made before tune() ran)
+    # untuned, the temporary buffer is mapped afresh every step (37k faults of 36k pages here);
+    # tuned, most steps reuse it from the heap with no fault, and about one step in six maps
+    # it again where the small allocations between steps fragmented the heap (0 to 12.5k
+    # faults per step on average over 6 steps in 5 runs)
     assert default["minor_page_faults_per_step"] > 0.5 * temp_pages, default
     assert tuned["minor_page_faults_per_step"] < 0.5 * default["minor_page_faults_per_step"]
 
