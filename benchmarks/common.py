@@ -204,6 +204,20 @@ def peak_memory_bytes(devices: list[jax.Device]) -> int | None:
     return max(peaks) if peaks else None
 
 
+def run_record(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Runs a benchmark command in a subprocess; returns the JSON record on its last stdout line.
+
+    Raises:
+      RuntimeError: the command failed (its exit code and the end of its stderr).
+    """
+    import subprocess
+
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def max_rss_bytes() -> int:
     """This process's peak resident memory so far (bytes): on CPU, where the device memory
     is host memory, the measured counterpart of `compiled_memory`'s estimate (it includes the

@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -83,7 +82,7 @@ def peer_for(args: argparse.Namespace) -> tuple[str, list[str]]:
     Raises:
       ValueError: the preset's family or variant has no PyTorch peer here.
     """
-    from benchmarks import common
+    from benchmarks import common, train_throughput
     from plm_jax.config import MODEL_PRESETS
     from plm_jax.models.sizes import resolve_model_config
 
@@ -93,18 +92,8 @@ def peer_for(args: argparse.Namespace) -> tuple[str, list[str]]:
     for flag, field in fields.items():
         if getattr(args, flag) is None:
             setattr(args, flag, preset[field] if preset else TINY_SHAPE[flag])
-    # exactly the config train_throughput builds from these flags
-    plm_args = argparse.Namespace(
-        preset=args.preset,
-        vocab=args.vocab,
-        layers=args.layers,
-        embed_dim=args.embed_dim,
-        heads=args.heads,
-        dtype="float32",
-        remat="none",
-        scan=False,
-        attention="xla",
-    )
+    # exactly the config train_throughput builds from the flags `systems` gives it
+    plm_args = train_throughput.parse_args(["--preset", args.preset, *shape_flags(args)])
     cfg, _ = common.model_config(plm_args, args.seq_len)
     cfg = resolve_model_config(cfg)
     positions = ["--max-seq-len", str(cfg.max_seq_len)]  # as many parameters as plm_jax
@@ -121,10 +110,15 @@ def peer_for(args: argparse.Namespace) -> tuple[str, list[str]]:
     raise ValueError(f"--preset {args.preset}: no PyTorch peer for this decoder variant")
 
 
+def shape_flags(args: argparse.Namespace) -> list[str]:
+    """The `SHAPE_FLAGS` every system gets, as command-line flags."""
+    return [
+        x for name in SHAPE_FLAGS for x in ("--" + name.replace("_", "-"), str(getattr(args, name)))
+    ]
+
+
 def systems(args: argparse.Namespace) -> dict[str, list[str]]:
-    shape = []
-    for name in SHAPE_FLAGS:
-        shape += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    shape = shape_flags(args)
     py = [sys.executable, "-m"]
     plm = py + ["benchmarks.train_throughput", "--preset", args.preset]
     out = {"plm_jax": plm + shape}
@@ -142,10 +136,9 @@ def run_one(cmd: list[str], malloc_hugetlb: bool = False) -> dict[str, Any]:
     if malloc_hugetlb:
         tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
         env["GLIBC_TUNABLES"] = ":".join(tunables + [HUGETLB])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from benchmarks import common
+
+    return common.run_record(cmd, env)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -38,12 +38,13 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from benchmarks import common
 
 DEFAULTS = {
     "seq": {"preset": "gpt2-124m", "seq_lens": [128, 256, 512, 1024, 2048], "tokens": 2048},
@@ -132,13 +133,6 @@ def command(args: argparse.Namespace, point: dict[str, Any]) -> list[str]:
     for key, value in point.items():
         cmd += ["--" + key.replace("_", "-"), str(value)]
     return cmd
-
-
-def run_point(cmd: list[str]) -> dict[str, Any]:
-    proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
@@ -237,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     records = []
     for i, point in enumerate(args.points):
         print(f"point {i + 1}/{len(args.points)}: {point}", file=sys.stderr, flush=True)
-        record = run_point(command(args, point))
+        record = common.run_record(command(args, point), dict(os.environ))
         sys.stdout.write(json.dumps(record) + "\n")
         sys.stdout.flush()
         records.append(record)
