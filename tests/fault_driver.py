@@ -15,9 +15,11 @@ FAULT is `none` or `POINT:N`. The process kills itself (SIGKILL) or signals itse
     term_eval:N        SIGTERM during the N-th evaluation batch
     term_save:N        SIGTERM right after the asynchronous save of step N started
     term_twice:N       two SIGTERMs after the N-th train step: exit at once
+    pause_step:N       after the N-th train step, write OUT.paused and wait until OUT.go
+                       exists (a run caught mid-training, holding its run directory)
 
-After the command returns, the parameters of the run's newest checkpoint are written to OUT.npz
-(flattened by path), and the process exits with the command's exit code.
+After the command returns 0, the parameters of the run's newest checkpoint are written to
+OUT.npz (flattened by path); the process exits with the command's exit code.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -52,7 +55,13 @@ def _counting(fn, n: int, action: tuple):
     return wrapped
 
 
-def install(fault: str) -> None:
+def _pause(out: str) -> None:
+    Path(f"{out}.paused").write_text(str(os.getpid()))
+    while not Path(f"{out}.go").exists():
+        time.sleep(0.05)
+
+
+def install(fault: str, out: str) -> None:
     from plm_jax import checkpoint, integrity
     from plm_jax.train import loop
 
@@ -65,6 +74,7 @@ def install(fault: str) -> None:
         "kill": lambda: _kill(),
         "term": lambda: _kill(signal.SIGTERM),
         "int": lambda: _kill(signal.SIGINT),
+        "pause": lambda: _pause(out),
     }
 
     def on_steps(action, eval_action=None):
@@ -149,14 +159,14 @@ def newest_params(run_dir: Path) -> dict[str, np.ndarray]:
 
 def main() -> int:
     fault, out, *overrides = sys.argv[1:]
-    install(fault)
+    install(fault, out)
     from plm_jax.cli import main as cli_main
     from plm_jax.config import load_config
 
     logging.root.handlers.clear()  # what install() imported set up; the CLI sets its own
     code = cli_main(["pretrain", *overrides])
     run_dir = load_config(None, overrides).run_dir
-    if (run_dir / "checkpoints").is_dir():
+    if code == 0 and (run_dir / "checkpoints").is_dir():  # a refused run reads nothing
         np.savez(out, **newest_params(run_dir))
     return code
 

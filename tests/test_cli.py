@@ -156,3 +156,12 @@ def test_checkpoint_commands_on_a_missing_path_exit_2(command, tmp_path, capsys)
     assert main([command, str(tmp_path / "nothing"), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_tokenizer_train_on_jsonl_without_the_text_field_names_it(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"body": "some text"}\n' * 5)
+    argv = ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "64"]
+    assert main([*argv, "--output", str(tmp_path / "tok")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("plm-jax: error")]
+    assert len(err) == 1 and "data.text_field='text'" in err[0] and "['body']" in err[0], err

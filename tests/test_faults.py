@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 
 from plm_jax import integrity
 from plm_jax.checkpoint import TRASH
+from plm_jax.run_lock import LOCK_FILE, lock_holder
 from plm_jax.train.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.faults
@@ -56,17 +58,22 @@ def setup(tmp_path_factory, small_corpus, small_tokenizer):
     return base, overrides, env
 
 
+def driver_command(run_dir: Path, fault: str, overrides: list[str]) -> list[str]:
+    out = run_dir / f"params-{fault.replace(':', '-')}.npz"
+    return [
+        sys.executable,
+        "-m",
+        "tests.fault_driver",
+        fault,
+        str(out),
+        *overrides,
+        f"run.dir={run_dir}",
+    ]
+
+
 def run_driver(run_dir: Path, fault: str, overrides: list[str], env: dict):
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.fault_driver",
-            fault,
-            str(run_dir / f"params-{fault.replace(':', '-')}.npz"),
-            *overrides,
-            f"run.dir={run_dir}",
-        ],
+        driver_command(run_dir, fault, overrides),
         capture_output=True,
         text=True,
         timeout=600,
@@ -78,6 +85,10 @@ def run_driver(run_dir: Path, fault: str, overrides: list[str], env: dict):
 def final_eval_loss(run_dir: Path) -> float:
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["eval/loss"] for r in records if "eval/loss" in r and r["step"] == 6][-1]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def states(run_dir: Path) -> dict[int, str]:
@@ -125,6 +136,8 @@ def test_sigkill_loses_nothing(setup, tmp_path, fault):
     if fault == "kill_retention:2":
         assert 2 not in found and any((run_dir / "checkpoints" / TRASH).iterdir())
     restorable = [step for step, state in found.items() if state != "uncommitted"]
+    # The killed writer's lock file stays behind, but the kernel dropped its lock.
+    assert (run_dir / LOCK_FILE).is_file() and lock_holder(run_dir) is None
     rerun = assert_resumes_to_the_reference(setup, run_dir)
     if restorable:
         newest = max(restorable)
@@ -162,3 +175,44 @@ def test_signals_stop_with_a_committed_checkpoint(setup, tmp_path, fault):
         name = "SIGINT" if fault.startswith("int") else "SIGTERM"
         assert f"stopped by {name} at step {newest} with a committed checkpoint" in stopped.stderr
     assert_resumes_to_the_reference(setup, run_dir)
+
+
+def test_one_writer_per_run_directory_while_readers_keep_working(setup, tmp_path):
+    """A second `pretrain` into a training run's directory exits 2 at once, naming the holder;
+    `eval` reads the run meanwhile; the first run ends exactly as a lone run ends."""
+    base, overrides, env = setup
+    run_dir = tmp_path / "run"
+    command = driver_command(run_dir, "pause_step:3", overrides)
+    out = Path(command[4])
+    first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while not Path(f"{out}.paused").exists():
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the first run never reached step 3"
+            time.sleep(0.1)
+        assert lock_holder(run_dir)["pid"] == first.pid
+        second = run_driver(run_dir, "none", overrides, env)
+        assert second.returncode == 2, second.stderr[-3000:]
+        errors = [line for line in second.stderr.splitlines() if line.startswith("plm-jax: error")]
+        assert len(errors) == 1 and f"is in use: PID {first.pid} on host" in errors[0], errors
+        reader = subprocess.run(
+            [sys.executable, "-m", "plm_jax.cli", "eval", str(run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=ROOT,
+        )
+        assert reader.returncode == 0 and "step 2: loss" in reader.stdout, reader.stderr[-3000:]
+    finally:
+        Path(f"{out}.go").touch()
+        _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    reference = np.load(base / "reference" / "params-none.npz")
+    alone = np.load(out)
+    for name in reference.files:
+        np.testing.assert_array_equal(alone[name], reference[name], err_msg=name)
+    assert logged_steps(run_dir) == logged_steps(base / "reference")  # no second writer's rows
+    assert final_eval_loss(run_dir) == final_eval_loss(base / "reference")
+    assert lock_holder(run_dir) is None

@@ -131,3 +131,17 @@ def test_run_trains_its_tokenizer_once(tmp_path, small_corpus):
     assert again.fingerprint == tok.fingerprint
     with pytest.raises(DataError, match="tokenizer not found"):
         load_or_train_tokenizer(config(tmp_path, small_corpus, "tokenizer.path=/nope"))
+
+
+def test_a_jsonl_corpus_without_the_text_field_names_the_field_file_and_keys(tmp_path):
+    """Training the run's tokenizer on JSONL whose lines lack `data.text_field` (docs/data.md)."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"x": "document {i}", "id": {i}}}\n' for i in range(20)))
+    cfg = config(tmp_path, corpus, "tokenizer.vocab_size=64")
+    message = (
+        r"no JSONL line has a string field data.text_field='text' "
+        rf"\(first at {corpus}:1, keys seen: \['id', 'x'\]\); set data.text_field"
+    )
+    with pytest.raises(DataError, match=message):
+        load_or_train_tokenizer(cfg, show_progress=False)
+    assert not (tmp_path / "run" / "tokenizer" / "tokenizer.model").exists()

@@ -44,23 +44,27 @@ def train_tokenizer_from_config(
     sentinels = sentinel_pieces(tok.num_sentinels) if is_seq2seq else []
     resolve_files(data)  # a missing source fails here, before any training output
     stats = SourceStats()
-    tokenizer = train_tokenizer(
-        iter_documents(data, stats),
-        output_dir,
-        vocab_size=tok.vocab_size,
-        model_type=tok.model_type,
-        byte_fallback=tok.byte_fallback,
-        character_coverage=tok.character_coverage,
-        pad_piece=tok.pad_piece,
-        unk_piece=tok.unk_piece,
-        bos_piece=tok.bos_piece,
-        eos_piece=tok.eos_piece,
-        mask_piece=tok.mask_piece,
-        user_defined_symbols=[*tok.user_defined_symbols, *sentinels],
-        max_train_bytes=tok.max_train_bytes,
-        num_threads=data.tokenize_threads,
-        show_progress=show_progress,
-    )
+    try:
+        tokenizer = train_tokenizer(
+            iter_documents(data, stats),
+            output_dir,
+            vocab_size=tok.vocab_size,
+            model_type=tok.model_type,
+            byte_fallback=tok.byte_fallback,
+            character_coverage=tok.character_coverage,
+            pad_piece=tok.pad_piece,
+            unk_piece=tok.unk_piece,
+            bos_piece=tok.bos_piece,
+            eos_piece=tok.eos_piece,
+            mask_piece=tok.mask_piece,
+            user_defined_symbols=[*tok.user_defined_symbols, *sentinels],
+            max_train_bytes=tok.max_train_bytes,
+            num_threads=data.tokenize_threads,
+            show_progress=show_progress,
+        )
+    except DataError:
+        check_stats(stats, data)  # no document at all: say why (e.g. no line has the text field)
+        raise
     check_stats(stats, data)
     return tokenizer
 

@@ -38,6 +38,7 @@ from plm_jax.checkpoint import Checkpointer
 from plm_jax.config import Config, config_to_dict, save_config, validate_for_devices
 from plm_jax.errors import ConfigError
 from plm_jax.metrics import MetricsWriter, ProgressBar, truncate_metrics
+from plm_jax.run_lock import hold_run_dir
 from plm_jax.sharding import make_mesh, shard_batch, use_mesh
 from plm_jax.tasks.batching import BucketBatcher, bucket_lengths
 from plm_jax.tasks.data import TaskData, load_task_data
@@ -530,7 +531,9 @@ def _summarise(fetched: list[dict], seconds: float, task: str = "") -> dict[str,
 
 def finetune(cfg: Config, *, show_progress: bool = True, until: int | None = None) -> dict:
     """Sets up (or resumes) a fine-tuning run and trains it; returns the last metrics."""
-    with SignalGuard() as guard:
+    # One writer per run directory, held from before the tokenizer is written to the end.
+    lock = hold_run_dir(cfg.run_dir, timeout=cfg.distributed.initialization_timeout)
+    with SignalGuard() as guard, lock:
         ft = setup(cfg, show_progress=show_progress)
         try:
             result = run(ft, show_progress=show_progress, until=until, guard=guard)

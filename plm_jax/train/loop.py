@@ -44,6 +44,7 @@ from plm_jax.metrics import (
     train_flops_per_token,
     truncate_metrics,
 )
+from plm_jax.run_lock import hold_run_dir
 from plm_jax.sharding import batch_sharding, make_mesh, shard_batch, use_mesh
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.optimizer import lr_schedule, make_optimizer
@@ -441,7 +442,9 @@ def pretrain(
 
     SIGTERM/SIGINT stop it with a committed checkpoint (`Preempted`).
     """
-    with SignalGuard() as guard:
+    # One writer per run directory, held from before the tokenizer is written to the end.
+    lock = hold_run_dir(cfg.run_dir, timeout=cfg.distributed.initialization_timeout)
+    with SignalGuard() as guard, lock:
         tr = setup(cfg, show_progress=show_progress)
         try:
             return run(tr, show_progress=show_progress, until=until, guard=guard)
