@@ -17,6 +17,7 @@ from plm_jax.train import loop
 from plm_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer
 from plm_jax.train.state import init_train_state, model_graphdef
 from plm_jax.train.step import train_step
+from tests.numerics import assert_close
 
 TINY = ModelConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=4, max_seq_len=16)
 
@@ -95,7 +96,8 @@ def test_grad_accumulation_matches_one_big_batch_with_padding():
         )
         results[accum] = fn(state, batch)
     (one, m1), (four, m4) = results[1], results[4]
-    np.testing.assert_allclose(m1["train/loss"], m4["train/loss"], rtol=1e-6)
+    # One sum against four partial sums: the order differs, so a few ulps of the loss.
+    assert_close(m1["train/loss"], m4["train/loss"], ulps=16)
     np.testing.assert_allclose(m1["train/grad_norm"], m4["train/grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
