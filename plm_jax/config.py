@@ -38,6 +38,7 @@ __all__ = [
     "TokenizerConfig",
     "TrainConfig",
     "MODEL_PRESETS",
+    "check_resume",
     "config_to_dict",
     "load_config",
     "save_config",
@@ -393,6 +394,12 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     init_from: str = ""
+    # The dotted keys the user wrote (YAML file and overrides; a preset counts as its fields),
+    # filled by `load_config`. Not a setting: never saved, never parsed, ignored by ==. It lets
+    # `init_from` honour what the user gave and take the rest from the source.
+    given: frozenset[str] = field(
+        default=frozenset(), compare=False, repr=False, metadata={"internal": True}
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -427,9 +434,31 @@ def load_config(
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
-    cfg = config_from_dict(raw)
+    cfg = dataclasses.replace(config_from_dict(raw), given=given_keys(raw))
     validate(cfg)
     return cfg
+
+
+def given_keys(raw: dict[str, Any]) -> frozenset[str]:
+    """The dotted leaf keys of a nested dict of differences; `model.preset` adds its fields."""
+    keys: set[str] = set()
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and key != "rules":
+                walk(value, f"{prefix}{key}.")
+            else:
+                keys.add(f"{prefix}{key}")
+
+    walk(raw, "")
+    model = raw.get("model", {})
+    if isinstance(model, dict) and model.get("preset") in MODEL_PRESETS:
+        keys |= {f"model.{name}" for name in MODEL_PRESETS[model["preset"]]}
+    return frozenset(keys)
+
+
+def _is_setting(f: dataclasses.Field) -> bool:
+    return not f.metadata.get("internal", False)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -451,7 +480,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 def config_to_dict(cfg: Any) -> Any:
     """The resolved config as plain YAML-safe data (nested dicts, lists, scalars)."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        fields = filter(_is_setting, dataclasses.fields(cfg))
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in fields}
     if isinstance(cfg, dict):
         return {k: config_to_dict(v) for k, v in cfg.items()}
     if isinstance(cfg, list | tuple):
@@ -468,11 +498,84 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp.replace(path)
 
 
+# Settings that may change between segments of one run (resuming from a checkpoint): how long
+# it trains, how often it logs, evaluates and saves, where it runs and reads its cache, and
+# runtime choices that keep the math. Every other difference is refused by `check_resume`.
+RESUMABLE_KEYS = (
+    "run.name",
+    "run.dir",
+    "init_from",
+    "tokenizer.path",
+    "data.cache_dir",
+    "data.tokenize_threads",
+    "data.loader_threads",
+    "data.prefetch",
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.nonfinite",
+    "train.max_skipped",
+    "train.spike_window",
+    "train.spike_zscore",
+    "model.attention",
+    "model.remat",
+    "task.epochs",
+    "task.patience",
+    "task.n_best",
+    "task.null_threshold",
+    "task.beam_size",
+    "task.length_penalty",
+    "task.max_decode_len",
+)
+RESUMABLE_SECTIONS = ("checkpoint.", "mesh.", "distributed.")
+
+
+def check_resume(saved: dict[str, Any], cfg: Config, where: str | Path) -> list[str]:
+    """The keys that differ between a checkpoint's config and this run's, if all may differ.
+
+    Args:
+      saved: the config stored with the checkpoint (`config_to_dict` of the run that saved it).
+      cfg: this run's config, resolved the same way.
+      where: the checkpoint, for the message.
+
+    Returns:
+      The differing keys that may change between segments (`RESUMABLE_KEYS`), for the log.
+
+    Raises:
+      ConfigError: a key that may not change differs; the message lists each with both values.
+    """
+    before = _flatten(config_to_dict(config_from_dict(saved)))
+    now = _flatten(config_to_dict(cfg))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    allowed = [k for k in changed if k in RESUMABLE_KEYS or k.startswith(RESUMABLE_SECTIONS)]
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in refused[:6])
+        more = f"; ... {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise ConfigError(
+            f"resuming from {where}: this run's config differs from the checkpoint's in "
+            f"{len(refused)} setting(s) that cannot change within a run ({shown}{more}); "
+            "give the values it was trained with, or start a new run with another run.dir"
+        )
+    return allowed
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "rules":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every valid dotted key, e.g. `train.steps`; used for typo suggestions and docs."""
     keys = []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in filter(_is_setting, dataclasses.fields(cls)):
         key = prefix + f.name
         if dataclasses.is_dataclass(hints[f.name]):
             keys += all_keys(hints[f.name], key + ".")
@@ -546,7 +649,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             f"write it as a YAML section or use {prefix}KEY=VALUE"
         )
     hints = _type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if _is_setting(f)}
     for key in raw:
         if key not in names:
             full = prefix + _first_leaf(key, raw[key])
@@ -558,7 +661,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
                 f"unknown config key {full!r}; valid keys under {where} are {sorted(names)}"
             )
     kwargs = {}
-    for f in dataclasses.fields(cls):
+    for f in filter(_is_setting, dataclasses.fields(cls)):
         if f.name not in raw:
             continue
         kind = hints[f.name]

@@ -11,6 +11,7 @@ from plm_jax.config import load_config
 from plm_jax.data.pipeline import build_pipeline
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train import loop
+from plm_jax.train.init_from import resolve_init_from
 
 torch = pytest.importorskip("torch", reason="HF reference tests need torch (the hf extra)")
 transformers = pytest.importorskip("transformers", reason="needs transformers (the hf extra)")
@@ -98,7 +99,7 @@ def test_first_step_loss_of_imported_llama_equals_transformers(
             "data.eval_fraction=0",
         ],
     )
-    resolved = loop.resolve_init_from(cfg)
+    resolved = resolve_init_from(cfg)
     assert resolved.model.num_kv_heads == 2 and resolved.model.max_seq_len == 64
     tokenizer = Tokenizer.load(resolved.tokenizer.path)
     first = next(build_pipeline(resolved, tokenizer, show_progress=False).train)

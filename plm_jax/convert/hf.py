@@ -46,6 +46,7 @@ from plm_jax.convert.rules import Family, TensorRule
 from plm_jax.convert.t5 import T5
 from plm_jax.errors import ConfigError, DataError
 from plm_jax.models import Decoder, Encoder, EncoderDecoder, resolve_model_config
+from plm_jax.models.sizes import layer_stacks, stack_layers, unstack_layers
 from plm_jax.train.state import model_graphdef
 
 __all__ = [
@@ -177,32 +178,6 @@ def _unflatten(flat: dict[tuple, Any]) -> Params:
     return tree
 
 
-def _layer_stacks(cfg: ModelConfig) -> dict[str, int]:
-    """{top-level name of a stack of blocks: its number of layers}."""
-    if cfg.family == "encoder_decoder":
-        return {"encoder_blocks": cfg.num_layers, "decoder_blocks": cfg.num_decoder_layers}
-    return {"blocks": cfg.num_layers}
-
-
-def _stack_layers(flat: dict[tuple, Any], stacks: dict[str, int]) -> dict[tuple, Any]:
-    """(stack, i, *rest) for each i -> (stack, *rest) stacked on a leading layers axis."""
-    out = {p: v for p, v in flat.items() if p[0] not in stacks}
-    for stack, num_layers in stacks.items():
-        for rest in {p[2:] for p in flat if p[0] == stack}:
-            out[(stack, *rest)] = np.stack([flat[(stack, i, *rest)] for i in range(num_layers)])
-    return out
-
-
-def _unstack_layers(flat: dict[tuple, Any], stacks: dict[str, int]) -> dict[tuple, Any]:
-    """The inverse of `_stack_layers`."""
-    out = {p: v for p, v in flat.items() if p[0] not in stacks}
-    for path, value in flat.items():
-        if path[0] in stacks:
-            for i in range(stacks[path[0]]):
-                out[(path[0], i, *path[1:])] = value[i]
-    return out
-
-
 def _abstract_params(cfg: ModelConfig) -> dict[tuple, Any]:
     """{path: ShapeDtypeStruct} of every parameter of `build_model(cfg)`, allocating nothing."""
     _, abstract = model_graphdef(cfg)
@@ -285,7 +260,7 @@ def params_from_hf(
             "config; the checkpoint holds a variant plm_jax does not convert"
         )
     if cfg.use_scan_layers:
-        flat = _stack_layers(flat, _layer_stacks(cfg))
+        flat = stack_layers(flat, layer_stacks(cfg))
     abstract = _abstract_params(cfg)
     if set(flat) != set(abstract):  # the rule tables and the model disagree: a bug here
         differ = sorted(_path_name(p) for p in set(flat) ^ set(abstract))
@@ -385,7 +360,7 @@ def params_to_hf(
             )
     flat = {p: np.asarray(v) for p, v in flat.items()}
     if cfg.use_scan_layers:
-        flat = _unstack_layers(flat, _layer_stacks(cfg))
+        flat = unstack_layers(flat, layer_stacks(cfg))
     prefix = family.prefix if family.export_prefix is None else family.export_prefix(cfg)
     tensors = {}
     for rule in family.rules(cfg, prefix):

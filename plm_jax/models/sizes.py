@@ -2,7 +2,9 @@
 
 `resolve_model_config` turns the config's `0 = derive it` fields into numbers; every model
 module works from the resolved config. `count_params` is the closed-form count, documented per
-variant; `param_count` measures a built (or `nnx.eval_shape`d) model.
+variant; `param_count` measures a built (or `nnx.eval_shape`d) model. `layer_stacks`,
+`stack_layers` and `unstack_layers` move flat parameters between the unrolled layout
+(`blocks.0.attn.w_q`) and the scanned one (`blocks.attn.w_q` with a leading layers axis).
 
 What it leaves out: variant strings are checked where their tables live (`transformer.py`).
 """
@@ -14,6 +16,7 @@ import math
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from plm_jax.config import ModelConfig
@@ -120,3 +123,29 @@ def count_params(cfg: ModelConfig) -> int:
 def param_count(model: nnx.Module) -> int:
     """Measured number of parameters (works on `nnx.eval_shape` abstract models too)."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def layer_stacks(cfg: ModelConfig) -> dict[str, int]:
+    """{top-level name of a stack of blocks: its number of layers}."""
+    if cfg.family == "encoder_decoder":
+        return {"encoder_blocks": cfg.num_layers, "decoder_blocks": cfg.num_decoder_layers}
+    return {"blocks": cfg.num_layers}
+
+
+def stack_layers(flat: dict[tuple, Any], stacks: dict[str, int]) -> dict[tuple, Any]:
+    """(stack, i, *rest) for each i -> (stack, *rest) stacked on a leading layers axis."""
+    out = {p: v for p, v in flat.items() if p[0] not in stacks}
+    for stack, num_layers in stacks.items():
+        for rest in {p[2:] for p in flat if p[0] == stack}:
+            out[(stack, *rest)] = np.stack([flat[(stack, i, *rest)] for i in range(num_layers)])
+    return out
+
+
+def unstack_layers(flat: dict[tuple, Any], stacks: dict[str, int]) -> dict[tuple, Any]:
+    """The inverse of `stack_layers`."""
+    out = {p: v for p, v in flat.items() if p[0] not in stacks}
+    for path, value in flat.items():
+        if path[0] in stacks:
+            for i in range(stacks[path[0]]):
+                out[(path[0], i, *path[1:])] = value[i]
+    return out

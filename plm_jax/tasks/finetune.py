@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from plm_jax.checkpoint import Checkpointer
-from plm_jax.config import Config, config_to_dict, save_config, validate_for_devices
+from plm_jax.config import Config, check_resume, config_to_dict, save_config, validate_for_devices
 from plm_jax.errors import ConfigError
 from plm_jax.metrics import MetricsWriter, ProgressBar, truncate_metrics
 from plm_jax.run_lock import hold_run_dir
@@ -44,11 +44,10 @@ from plm_jax.tasks.batching import BucketBatcher, bucket_lengths
 from plm_jax.tasks.data import TaskData, load_task_data
 from plm_jax.tasks.model import TaskModel
 from plm_jax.tokenizer import Tokenizer
+from plm_jax.train.init_from import load_init_params, resolve_init_from
 from plm_jax.train.loop import (
     applied_loss,
     check_steps,
-    load_init_params,
-    resolve_init_from,
     resolve_vocab,
     warn_if_remat_saves_nothing,
 )
@@ -295,7 +294,10 @@ def setup(cfg: Config, *, show_progress: bool = True) -> FineTuner:
             if cfg.init_from:
                 state = _load_backbone(cfg, state, shardings)
         else:
-            latest, state, data_state, _ = restored
+            latest, state, data_state, saved = restored
+            changed = check_resume(saved, cfg, checkpointer.directory / str(latest))
+            if changed:
+                log.info("resuming with new values of %s", ", ".join(changed))
             batcher.set_state(data_state["batcher"])
             best, bad_evals = data_state.get("best"), data_state.get("bad_evals", 0)
             log.info("resumed from %s at step %d", checkpointer.directory / str(latest), latest)
@@ -336,7 +338,9 @@ def setup(cfg: Config, *, show_progress: bool = True) -> FineTuner:
 def _load_backbone(cfg: Config, state: TrainState, shardings: TrainState) -> TrainState:
     """`state` with the backbone parameters of the `init_from` checkpoint."""
     params = state.params
-    params["backbone"] = load_init_params(cfg, params["backbone"], shardings.params["backbone"])
+    params["backbone"] = load_init_params(
+        cfg, cfg.model, params["backbone"], shardings.params["backbone"]
+    )
     return dataclasses.replace(state, params=params)
 
 

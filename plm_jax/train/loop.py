@@ -24,18 +24,18 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from plm_jax.checkpoint import Checkpointer, locate_checkpoint
+from plm_jax.checkpoint import Checkpointer
 from plm_jax.config import (
     Config,
     ModelConfig,
     TrainConfig,
-    config_from_dict,
+    check_resume,
     config_to_dict,
     save_config,
     validate_for_devices,
 )
 from plm_jax.data.pipeline import Pipeline, build_pipeline, load_or_train_tokenizer
-from plm_jax.errors import ConfigError, DataError, TrainingError
+from plm_jax.errors import ConfigError, TrainingError
 from plm_jax.metrics import (
     MetricsWriter,
     ProgressBar,
@@ -47,6 +47,7 @@ from plm_jax.metrics import (
 from plm_jax.run_lock import hold_run_dir
 from plm_jax.sharding import batch_sharding, make_mesh, shard_batch, use_mesh
 from plm_jax.tokenizer import Tokenizer
+from plm_jax.train.init_from import load_init_params, resolve_init_from
 from plm_jax.train.optimizer import lr_schedule, make_optimizer
 from plm_jax.train.preemption import Preempted, SignalGuard
 from plm_jax.train.state import (
@@ -97,63 +98,6 @@ class Trainer:
     eval_fn: Any = None
 
 
-# Model settings a run started from `init_from` keeps from its own config; everything else
-# in `model` (the architecture) comes from the checkpoint it starts from.
-RUNTIME_MODEL_FIELDS = ("dropout", "attention", "remat", "dtype", "param_dtype")
-
-
-def resolve_init_from(cfg: Config) -> Config:
-    """The config of a run that starts from `init_from`: its architecture and tokenizer.
-
-    `model` is the source checkpoint's (except `RUNTIME_MODEL_FIELDS`, kept from `cfg`), and
-    `tokenizer.path` the source's tokenizer unless `cfg` names one. A run that already holds
-    checkpoints takes them from its own newest checkpoint instead, so it resumes even when the
-    source has since moved. Without `init_from`, `cfg` is returned unchanged.
-
-    Raises:
-      DataError: `init_from` is not a run directory or checkpoint, or it has no tokenizer.
-    """
-    if not cfg.init_from:
-        return cfg
-    own = cfg.run_dir / "checkpoints"
-    source_dir, step = (cfg.run_dir, None) if own.is_dir() else locate_checkpoint(cfg.init_from)
-    checkpointer = Checkpointer(source_dir, cfg.checkpoint, read_only=True)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None or step not in checkpointer.all_steps():
-            raise DataError(f"init_from={cfg.init_from!r}: no committed checkpoint in {source_dir}")
-        source = config_from_dict(checkpointer.restore_config(step))
-    finally:
-        checkpointer.close()
-    model = dataclasses.replace(
-        source.model, **{k: getattr(cfg.model, k) for k in RUNTIME_MODEL_FIELDS}
-    )
-    tokenizer_path = cfg.tokenizer.path or source.tokenizer.path
-    if not tokenizer_path:
-        if not (source_dir / "tokenizer").is_dir():
-            raise DataError(f"init_from={cfg.init_from!r}: {source_dir} has no tokenizer/")
-        tokenizer_path = str((source_dir / "tokenizer").absolute())
-    tokenizer = dataclasses.replace(cfg.tokenizer, path=tokenizer_path)
-    return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)
-
-
-def load_init_params(cfg: Config, params: Any, shardings: Any) -> Any:
-    """The parameters of the `init_from` checkpoint, restored into the shapes, dtypes and
-    shardings of `params` / `shardings` (a whole model's, or a task model's backbone)."""
-    source_dir, step = locate_checkpoint(cfg.init_from)
-    checkpointer = Checkpointer(source_dir, cfg.checkpoint, read_only=True)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings
-        )
-        restored = checkpointer.restore_params(step, abstract)
-    finally:
-        checkpointer.close()
-    log.info("initialised from %s (step %d)", source_dir / "checkpoints" / str(step), step)
-    return restored
-
-
 def warn_if_remat_saves_nothing(model: ModelConfig, backend: str) -> bool:
     """Logs (and returns True) when `model.remat` cannot save memory: on CPU with unrolled
     layers XLA drops remat's optimization barriers and merges the recomputation away
@@ -193,10 +137,13 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
         if restored is None:
             state, _ = init_train_state(model_cfg, tx, mesh, cfg.run.seed, cfg.mesh.rules)
             if cfg.init_from:
-                params = load_init_params(cfg, state.params, shardings.params)
+                params = load_init_params(cfg, model_cfg, state.params, shardings.params)
                 state = dataclasses.replace(state, params=params)
         else:
-            latest, state, data_state, _ = restored
+            latest, state, data_state, saved = restored
+            changed = check_resume(saved, cfg, checkpointer.directory / str(latest))
+            if changed:
+                log.info("resuming with new values of %s", ", ".join(changed))
             pipeline.train.set_state(data_state)
             log.info("resumed from %s at step %d", checkpointer.directory / str(latest), latest)
             if is_primary:
