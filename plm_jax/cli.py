@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"plm-jax {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument(
+        "--verbose", action="store_true", help="print the full resolved config at start-up"
+    )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     tok = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
@@ -119,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
             nargs="*",
             metavar="key=value",
             help="dotted overrides, e.g. train.steps=100 mesh.tensor=2",
+        )
+        p.add_argument(  # SUPPRESS: `plm-jax --verbose pretrain` keeps the global flag's value
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="print the full resolved config at start-up (it is always saved in config.yaml)",
         )
         p.set_defaults(handler=handler)
         return p
@@ -313,8 +322,15 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
+def _show_config(args: argparse.Namespace, cfg) -> None:
+    """The full resolved config with --verbose; otherwise setup logs a short summary."""
     from plm_jax.config import config_to_dict
+
+    if getattr(args, "verbose", False):
+        log.info("resolved config:\n%s", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
     from plm_jax.distributed import initialize
     from plm_jax.train.loop import pretrain
     from plm_jax.xla_flags import apply_gpu_flags
@@ -322,7 +338,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _load(args)
     apply_gpu_flags()  # on an NVIDIA GPU only, before jax starts its backend
     initialize(cfg.distributed)  # before any device is touched
-    log.info("resolved config:\n%s", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    _show_config(args, cfg)
     final = pretrain(cfg)
     if final.get("complete"):
         print(
@@ -375,7 +391,6 @@ def _print_sample(cfg) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from plm_jax.config import config_to_dict
     from plm_jax.distributed import initialize
     from plm_jax.tasks.finetune import finetune
     from plm_jax.xla_flags import apply_gpu_flags
@@ -383,7 +398,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _load(args)
     apply_gpu_flags()  # on an NVIDIA GPU only, before jax starts its backend
     initialize(cfg.distributed)  # before any device is touched
-    log.info("resolved config:\n%s", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    _show_config(args, cfg)
     final = finetune(cfg)
     if final.get("complete"):
         print(f"run {cfg.run_dir} is already complete at step {final['step']}")
@@ -648,11 +663,11 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from plm_jax.config import config_to_dict, save_config
+    from plm_jax.config import save_config
     from plm_jax.data.pipeline import build_pipeline, load_or_train_tokenizer
 
     cfg = _load(args)
-    log.info("resolved config:\n%s", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    _show_config(args, cfg)
     save_config(cfg, cfg.run_dir / "config.yaml")
     tokenizer = load_or_train_tokenizer(cfg)
     pipe = build_pipeline(cfg, tokenizer)

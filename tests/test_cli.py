@@ -165,3 +165,54 @@ def test_tokenizer_train_on_jsonl_without_the_text_field_names_it(tmp_path, caps
     assert main([*argv, "--output", str(tmp_path / "tok")]) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("plm-jax: error")]
     assert len(err) == 1 and "data.text_field='text'" in err[0] and "['body']" in err[0], err
+
+
+def _tiny_pretrain(tmp_path, small_corpus, small_tokenizer, *flags):
+    return [
+        *flags,
+        "pretrain",
+        f"run.dir={tmp_path / 'run'}",
+        f"data.source={small_corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"tokenizer.path={small_tokenizer.path}",
+        "model.max_seq_len=32",
+        "model.num_layers=1",
+        "model.embed_dim=32",
+        "train.batch_size=8",
+        "train.steps=2",
+        "train.warmup_steps=1",
+        "train.eval_every=1000",
+        "checkpoint.save_every=2",
+    ]
+
+
+def test_pretrain_prints_a_short_summary_and_the_full_config_only_with_verbose(
+    tmp_path, small_corpus, small_tokenizer
+):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def terminal(argv):
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        done = subprocess.run(
+            [sys.executable, "-m", "plm_jax.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    err = terminal(_tiny_pretrain(tmp_path, small_corpus, small_tokenizer))
+    assert "resolved config" not in err and "encoding_errors" not in err
+    (summary,) = [line for line in err.splitlines() if "M parameters" in line]
+    assert "decoder (tiny preset)" in summary and "8 x 32 = 256 tokens per step" in summary
+    assert "mesh data=8 fsdp=1 tensor=1 on 8 cpu device(s); 2 steps" in summary
+    assert f"full config: {tmp_path / 'run' / 'config.yaml'}" in summary
+    assert len(err.splitlines()) < 25, err  # the whole start-up and training log
+    again = _tiny_pretrain(tmp_path, small_corpus, small_tokenizer)
+    err = terminal([*again[:1], "--verbose", *again[1:]])  # `pretrain --verbose`
+    assert "resolved config:" in err and "encoding_errors: strict" in err

@@ -49,6 +49,7 @@ from plm_jax.train.loop import (
     applied_loss,
     check_steps,
     resolve_vocab,
+    run_summary,
     warn_if_remat_saves_nothing,
 )
 from plm_jax.train.optimizer import layerwise_lr_factors, lr_schedule, make_optimizer
@@ -314,6 +315,12 @@ def setup(cfg: Config, *, show_progress: bool = True) -> FineTuner:
         len(data.eval),
         batcher.batches_per_epoch,
         cfg.train.steps,
+    )
+    log.info(
+        "%s",
+        run_summary(
+            cfg, cfg.model, mesh, tokens=f"up to {cfg.train.batch_size} x {cfg.model.max_seq_len}"
+        ),
     )
     writer = MetricsWriter(cfg.run_dir, enabled=is_primary)
     return FineTuner(

@@ -44,6 +44,7 @@ from plm_jax.metrics import (
     train_flops_per_token,
     truncate_metrics,
 )
+from plm_jax.models import count_params
 from plm_jax.run_lock import hold_run_dir
 from plm_jax.sharding import batch_sharding, make_mesh, shard_batch, use_mesh
 from plm_jax.tokenizer import Tokenizer
@@ -98,6 +99,22 @@ class Trainer:
     eval_fn: Any = None
 
 
+def run_summary(cfg: Config, model: ModelConfig, mesh: Any, *, tokens: str = "") -> str:
+    """A few lines on what a run trains (the full config is in `config.yaml`, or --verbose)."""
+    total = count_params(model)
+    shape = dict(mesh.shape)
+    tokens = tokens or f"{cfg.train.batch_size} x {model.max_seq_len}"
+    per_step = cfg.train.batch_size * model.max_seq_len
+    return (
+        f"{model.family} ({model.preset} preset), {total / 1e6:.2f} M parameters, "
+        f"{model.num_layers} layers x {model.embed_dim} wide; {tokens} = {per_step:,} tokens "
+        f"per step ({cfg.train.grad_accum} micro-batch(es)); mesh "
+        + " ".join(f"{k}={v}" for k, v in shape.items())
+        + f" on {mesh.devices.size} {jax.default_backend()} device(s); {cfg.train.steps} steps "
+        f"into {cfg.run_dir} (full config: {cfg.run_dir / 'config.yaml'}, or plm-jax --verbose)"
+    )
+
+
 def warn_if_remat_saves_nothing(model: ModelConfig, backend: str) -> bool:
     """Logs (and returns True) when `model.remat` cannot save memory: on CPU with unrolled
     layers XLA drops remat's optimization barriers and merges the recomputation away
@@ -150,6 +167,7 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
                 truncate_metrics(cfg.run_dir, latest)
     if is_primary:
         save_config(cfg, cfg.run_dir / "config.yaml")
+    log.info("%s", run_summary(cfg, model_cfg, mesh))
     writer = MetricsWriter(cfg.run_dir, enabled=is_primary)
     return Trainer(
         cfg, model_cfg, tokenizer, mesh, pipeline, state, shardings, checkpointer, writer
