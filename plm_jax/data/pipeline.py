@@ -14,6 +14,7 @@ What it leaves out: moving batches onto devices (`sharding.shard_batch`) and the
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,21 +33,30 @@ log = logging.getLogger(__name__)
 
 
 def train_tokenizer_from_config(
-    data: DataConfig, cfg: Config, output_dir: Path, *, show_progress: bool = True
+    data: DataConfig,
+    cfg: Config,
+    output_dir: Path,
+    *,
+    show_progress: bool = True,
+    documents: Iterable[str] | None = None,
 ) -> Tokenizer:
     """Trains a SentencePiece model on the documents of `data` with `cfg.tokenizer` settings.
 
     An encoder_decoder model's tokenizer also gets `tokenizer.num_sentinels` sentinel pieces
-    (<extra_id_0>, ...) after the user-defined symbols.
+    (<extra_id_0>, ...) after the user-defined symbols. `documents`, when given, replaces the
+    documents of `data` (a fine-tuning task's texts).
     """
     tok = cfg.tokenizer
     is_seq2seq = cfg.model.family == "encoder_decoder"
     sentinels = sentinel_pieces(tok.num_sentinels) if is_seq2seq else []
-    resolve_files(data)  # a missing source fails here, before any training output
-    stats = SourceStats()
+    stats = None
+    if documents is None:
+        resolve_files(data)  # a missing source fails here, before any training output
+        stats = SourceStats()
+        documents = iter_documents(data, stats)
     try:
         tokenizer = train_tokenizer(
-            iter_documents(data, stats),
+            documents,
             output_dir,
             vocab_size=tok.vocab_size,
             model_type=tok.model_type,
@@ -63,9 +73,11 @@ def train_tokenizer_from_config(
             show_progress=show_progress,
         )
     except DataError:
-        check_stats(stats, data)  # no document at all: say why (e.g. no line has the text field)
+        if stats is not None:  # no document at all: say why (e.g. no line has the text field)
+            check_stats(stats, data)
         raise
-    check_stats(stats, data)
+    if stats is not None:
+        check_stats(stats, data)
     return tokenizer
 
 

@@ -43,6 +43,7 @@ from plm_jax.sharding import make_mesh, shard_batch, use_mesh
 from plm_jax.tasks.batching import BucketBatcher, bucket_lengths
 from plm_jax.tasks.data import TaskData, load_task_data
 from plm_jax.tasks.model import TaskModel
+from plm_jax.tasks.task_tokenizer import ensure_task_tokenizer
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.init_from import load_init_params, resolve_init_from
 from plm_jax.train.loop import (
@@ -238,11 +239,7 @@ def setup(cfg: Config, *, show_progress: bool = True) -> FineTuner:
     """Builds (or resumes) a fine-tuning run."""
     task = task_kind(cfg)
     cfg = resolve_init_from(cfg)
-    if not cfg.tokenizer.path:
-        raise ConfigError(
-            "fine-tuning needs a tokenizer: set init_from=RUN_OR_CHECKPOINT (a pretrained or "
-            "converted model) or tokenizer.path"
-        )
+    cfg = ensure_task_tokenizer(cfg, show_progress=show_progress)  # none given: train one
     validate_for_devices(cfg, jax.device_count())
     warn_if_remat_saves_nothing(cfg.model, jax.default_backend())
     tokenizer = Tokenizer.load(cfg.tokenizer.path)
