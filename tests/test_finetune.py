@@ -17,7 +17,7 @@ from flax import nnx
 from plm_jax.checkpoint import Checkpointer
 from plm_jax.cli import main
 from plm_jax.config import ModelConfig, TrainConfig, load_config
-from plm_jax.errors import ConfigError, DataError
+from plm_jax.errors import DataError
 from plm_jax.tasks import finetune as ft_mod
 from plm_jax.tasks.model import TaskModel
 from plm_jax.train.optimizer import layerwise_lr_factors, lr_schedule
@@ -317,7 +317,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_run, sentiment, capsys)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (argv, err)
     assert ft_mod.task_kind(load_config(None, ["task.name=translation", "task.train_file=x"]))
-    with pytest.raises(ConfigError, match="tokenizer"):
+    # No init_from, no tokenizer.path: a tokenizer is trained on the task's text (issue 15),
+    # and a vocabulary too large for 12 kB of tweets says so (tests/test_task_tokenizer.py).
+    with pytest.raises(DataError, match="tokenizer vocab_size=4096 is too large for"):
         ft_mod.setup(
             load_config(
                 None,

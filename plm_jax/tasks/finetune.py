@@ -47,12 +47,14 @@ from plm_jax.tasks.task_tokenizer import ensure_task_tokenizer
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.init_from import load_init_params, resolve_init_from
 from plm_jax.train.loop import (
+    accum_choices,
     applied_loss,
     check_steps,
     resolve_vocab,
     run_summary,
     warn_if_remat_saves_nothing,
 )
+from plm_jax.train.memory import check_step_fits
 from plm_jax.train.optimizer import layerwise_lr_factors, lr_schedule, make_optimizer
 from plm_jax.train.preemption import Preempted, SignalGuard
 from plm_jax.train.state import (
@@ -432,22 +434,8 @@ def run(
     start = int(jax.device_get(ft.state.step))
     if start >= t.steps:
         return {"step": start, "complete": True, **({} if ft.best is None else {"best": ft.best})}
-    replicated = NamedSharding(ft.mesh, PartitionSpec())
-    step_fn = jax.jit(
-        partial(
-            task_train_step,
-            graphdef=ft.graphdef,
-            tx=ft.tx,
-            schedule=lr_schedule(t),
-            grad_accum=t.grad_accum,
-            task=cfg.task.name,
-            drop=cfg.model.dropout > 0,
-            guard=Guard.from_config(t),
-            label_smoothing=cfg.task.label_smoothing,
-        ),
-        out_shardings=(ft.shardings, replicated),
-        donate_argnums=0,
-    )
+    step_fn = _task_step_jit(ft, t.grad_accum)
+    _check_largest_bucket_fits(ft)
     config_dict = config_to_dict(cfg)
     bar = ProgressBar(t.steps, initial=start, enabled=show_progress)
     stop = t.steps if until is None else min(until, t.steps)
@@ -520,6 +508,60 @@ def run(
         last["best"] = ft.best
     last["early_stopped"] = early
     return last
+
+
+def _task_step_jit(ft: FineTuner, grad_accum: int):
+    cfg, t = ft.cfg, ft.cfg.train
+    return jax.jit(
+        partial(
+            task_train_step,
+            graphdef=ft.graphdef,
+            tx=ft.tx,
+            schedule=lr_schedule(t),
+            grad_accum=grad_accum,
+            task=cfg.task.name,
+            drop=cfg.model.dropout > 0,
+            guard=Guard.from_config(t),
+            label_smoothing=cfg.task.label_smoothing,
+        ),
+        out_shardings=(ft.shardings, NamedSharding(ft.mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+
+
+def _check_largest_bucket_fits(ft: FineTuner) -> None:
+    """Compiles the step for a batch of the longest bucket and checks it fits in memory.
+
+    Batches come in buckets of lengths up to `model.max_seq_len`, each compiled when first met;
+    the longest is the largest program, so it is checked before the first step.
+    """
+    cfg, t = ft.cfg, ft.cfg.train
+    position = ft.batcher.get_state()
+    probe = next(ft.batcher)  # any batch: its arrays give the keys, dtypes and layout
+    ft.batcher.set_state(position)
+    length = max(x.shape[1] for x in probe.values() if x.ndim >= 2)
+    longest = max(length, cfg.model.max_seq_len)
+    largest = {
+        key: np.pad(x, [(0, 0), (0, longest - length)] + [(0, 0)] * (x.ndim - 2))
+        if x.ndim >= 2 and x.shape[1] == length
+        else x
+        for key, x in probe.items()
+    }
+    batch = shard_batch(largest, ft.mesh, t.batch_size)
+
+    def compiled_at(grad_accum: int):
+        with use_mesh(ft.mesh, cfg.mesh.rules):
+            return _task_step_jit(ft, grad_accum).lower(ft.state, batch).compile()
+
+    shards = ft.mesh.shape["data"] * ft.mesh.shape["fsdp"]
+    check_step_fits(
+        compiled_at(t.grad_accum),
+        list(ft.mesh.devices.flat),
+        grad_accum=t.grad_accum,
+        accum_choices=accum_choices(t.batch_size, t.grad_accum, shards),
+        recompile=compiled_at,
+        what=f"the fine-tuning step at the longest bucket ({longest} tokens)",
+    )
 
 
 def _summarise(fetched: list[dict], seconds: float, task: str = "") -> dict[str, float]:

@@ -49,6 +49,7 @@ from plm_jax.run_lock import hold_run_dir
 from plm_jax.sharding import batch_sharding, make_mesh, shard_batch, use_mesh
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.init_from import load_init_params, resolve_init_from
+from plm_jax.train.memory import check_step_fits
 from plm_jax.train.optimizer import lr_schedule, make_optimizer
 from plm_jax.train.preemption import Preempted, SignalGuard
 from plm_jax.train.state import (
@@ -174,29 +175,51 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
     )
 
 
-def compile_steps(tr: Trainer, first_batch: dict[str, jax.Array]) -> None:
-    """Compiles the train and eval steps once; logs compile time and memory estimate."""
+def accum_choices(batch_size: int, grad_accum: int, batch_shards: int) -> list[int]:
+    """Larger `train.grad_accum` values (doublings) whose micro-batches still split evenly."""
+    choices, accum = [], grad_accum * 2
+    while batch_size % accum == 0 and (batch_size // accum) % batch_shards == 0:
+        choices.append(accum)
+        accum *= 2
+    return choices
+
+
+def _train_step_jit(tr: Trainer, grad_accum: int):
     cfg = tr.cfg
     graphdef, _ = model_graphdef(tr.model_cfg)
-    batch_sh = batch_sharding(tr.mesh)
-    replicated = NamedSharding(tr.mesh, PartitionSpec())
-    step = jax.jit(
+    return jax.jit(
         partial(
             train_step,
             graphdef=graphdef,  # static: the model's structure, merged with params inside
             tx=make_optimizer(cfg.train),  # static: optimizer transformations
             schedule=lr_schedule(cfg.train),  # static: learning-rate schedule
-            grad_accum=cfg.train.grad_accum,  # static: micro-batches per step
+            grad_accum=grad_accum,  # static: micro-batches per step
             use_dropout=cfg.model.dropout > 0,
             guard=Guard.from_config(cfg.train),  # static: non-finite and spike skipping
         ),
-        in_shardings=(tr.shardings, batch_sh),  # state as derived; batch rows over data x fsdp
-        out_shardings=(tr.shardings, replicated),  # state keeps its layout; metrics replicated
+        in_shardings=(tr.shardings, batch_sharding(tr.mesh)),  # batch rows over data x fsdp
+        out_shardings=(tr.shardings, NamedSharding(tr.mesh, PartitionSpec())),  # metrics
         donate_argnums=0,  # the old state's buffers become the new state's
     )
+
+
+def compile_steps(tr: Trainer, first_batch: dict[str, jax.Array]) -> None:
+    """Compiles the train and eval steps once; logs compile time and memory estimate.
+
+    Raises:
+      DoesNotFit: the compiled train step needs more memory than the devices have.
+    """
+    cfg = tr.cfg
+    graphdef, _ = model_graphdef(tr.model_cfg)
+    batch_sh = batch_sharding(tr.mesh)
+    replicated = NamedSharding(tr.mesh, PartitionSpec())
+
+    def compiled_at(grad_accum: int):
+        with use_mesh(tr.mesh, cfg.mesh.rules):
+            return _train_step_jit(tr, grad_accum).lower(tr.state, first_batch).compile()
+
     start = time.perf_counter()
-    with use_mesh(tr.mesh, cfg.mesh.rules):
-        compiled = step.lower(tr.state, first_batch).compile()
+    compiled = compiled_at(cfg.train.grad_accum)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     info = f"train step compiled in {seconds:.1f} s"
@@ -208,6 +231,14 @@ def compile_steps(tr: Trainer, first_batch: dict[str, jax.Array]) -> None:
         info += f"; compiled memory estimate {total / 2**20:.1f} MiB per device"
     log.info(info)
     tr.writer.write_text("compile", info)
+    shards = tr.mesh.shape["data"] * tr.mesh.shape["fsdp"]
+    check_step_fits(
+        compiled,
+        list(tr.mesh.devices.flat),
+        grad_accum=cfg.train.grad_accum,
+        accum_choices=accum_choices(cfg.train.batch_size, cfg.train.grad_accum, shards),
+        recompile=compiled_at,
+    )
     tr.step_fn = compiled
     tr.eval_fn = jax.jit(
         partial(eval_step, graphdef=graphdef),
