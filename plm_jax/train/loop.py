@@ -100,6 +100,14 @@ class Trainer:
     eval_fn: Any = None
 
 
+def _count(n: int) -> str:
+    """28.4 K, 124.4 M, 8.03 B: three significant figures."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return str(n)
+
+
 def run_summary(cfg: Config, model: ModelConfig, mesh: Any, *, tokens: str = "") -> str:
     """A few lines on what a run trains (the full config is in `config.yaml`, or --verbose)."""
     total = count_params(model)
@@ -107,7 +115,7 @@ def run_summary(cfg: Config, model: ModelConfig, mesh: Any, *, tokens: str = "")
     tokens = tokens or f"{cfg.train.batch_size} x {model.max_seq_len}"
     per_step = cfg.train.batch_size * model.max_seq_len
     return (
-        f"{model.family} ({model.preset} preset), {total / 1e6:.2f} M parameters, "
+        f"{model.family}, {_count(total)} parameters, "
         f"{model.num_layers} layers x {model.embed_dim} wide; {tokens} = {per_step:,} tokens "
         f"per step ({cfg.train.grad_accum} micro-batch(es)); mesh "
         + " ".join(f"{k}={v}" for k, v in shape.items())
