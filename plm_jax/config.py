@@ -531,13 +531,20 @@ RESUMABLE_KEYS = (
 RESUMABLE_SECTIONS = ("checkpoint.", "mesh.", "distributed.")
 
 
-def check_resume(saved: dict[str, Any], cfg: Config, where: str | Path) -> list[str]:
+def check_resume(
+    saved: dict[str, Any], cfg: Config, where: str | Path, step: int
+) -> list[str]:
     """The keys that differ between a checkpoint's config and this run's, if all may differ.
+
+    A step-0 checkpoint (`plm-jax convert` writes one) has trained on nothing, so only what
+    fixes the weights' meaning (`model.*`, `tokenizer.*`) must match; data and training
+    settings are the new run's to choose.
 
     Args:
       saved: the config stored with the checkpoint (`config_to_dict` of the run that saved it).
       cfg: this run's config, resolved the same way.
       where: the checkpoint, for the message.
+      step: the checkpoint's step.
 
     Returns:
       The differing keys that may change between segments (`RESUMABLE_KEYS`), for the log.
@@ -548,7 +555,13 @@ def check_resume(saved: dict[str, Any], cfg: Config, where: str | Path) -> list[
     before = _flatten(config_to_dict(config_from_dict(saved)))
     now = _flatten(config_to_dict(cfg))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    allowed = [k for k in changed if k in RESUMABLE_KEYS or k.startswith(RESUMABLE_SECTIONS)]
+    allowed = [
+        k
+        for k in changed
+        if k in RESUMABLE_KEYS
+        or k.startswith(RESUMABLE_SECTIONS)
+        or (step == 0 and not k.startswith(("model.", "tokenizer.")))
+    ]
     refused = [k for k in changed if k not in allowed]
     if refused:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in refused[:6])

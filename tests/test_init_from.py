@@ -122,3 +122,18 @@ def test_resume_honours_new_steps_and_refuses_other_changes(tmp_path, tiny_run, 
     result = loop.pretrain(longer, show_progress=False)
     assert result["step"] == 6
     assert "resuming with new values of run.dir, train.eval_every, train.steps" in caplog.text
+
+
+def test_a_step_0_checkpoint_takes_new_data_and_training_settings_but_not_a_new_model():
+    """`plm-jax convert` writes a step-0 checkpoint: nothing has been trained with its data or
+    schedule, so a run continuing from it chooses them; the weights still fix the model."""
+    from plm_jax.config import check_resume, config_to_dict
+
+    saved = config_to_dict(load_config(None, ["model.preset=tiny"]))
+    new = load_config(None, ["model.preset=tiny", "train.batch_size=8", "data.source=corpus.txt"])
+    assert check_resume(saved, new, "ckpt/0", 0) == ["data.source", "train.batch_size"]
+    with pytest.raises(ConfigError, match=r"ckpt/3.*train.batch_size: 16 -> 8"):
+        check_resume(saved, new, "ckpt/3", 3)
+    wider = load_config(None, ["model.preset=tiny", "model.embed_dim=64"])
+    with pytest.raises(ConfigError, match=r"model.embed_dim: 128 -> 64"):
+        check_resume(saved, wider, "ckpt/0", 0)

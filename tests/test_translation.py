@@ -58,16 +58,17 @@ def lexicon_data(tmp_path_factory):
     )
 
 
-def tr_config(tmp_path, tokenizer, data, *extra, name="tr"):
+T5_TINY = ("model.preset=t5-tiny", "model.family=encoder_decoder", "model.max_seq_len=32")
+
+
+def tr_config(tmp_path, tokenizer, data, *extra, name="tr", model=T5_TINY):
     train, held_out = data
     return load_config(
         None,
         [
             f"tokenizer.path={tokenizer.path}",
             f"run.dir={tmp_path / name}",
-            "model.preset=t5-tiny",
-            "model.family=encoder_decoder",
-            "model.max_seq_len=32",
+            *model,
             "task.name=translation",
             f"task.train_file={train}",
             f"task.eval_file={held_out}",
@@ -149,6 +150,7 @@ def test_decoder_learns_the_same_task_as_prompt_completion(
         f"init_from={tiny_run}",  # a 1-layer, 32-wide decoder with max_seq_len 32
         "train.steps=60",
         "task.label_smoothing=0.1",
+        model=(),  # the decoder's own settings: an encoder_decoder would be refused
     )
     result = ft_mod.finetune(cfg, show_progress=False)
     rows = [json.loads(x) for x in (tmp_path / "tr" / "metrics.jsonl").read_text().splitlines()]

@@ -39,7 +39,7 @@ from plm_jax.config import Config, check_resume, config_to_dict, save_config, va
 from plm_jax.errors import ConfigError
 from plm_jax.metrics import MetricsWriter, ProgressBar, truncate_metrics
 from plm_jax.run_lock import hold_run_dir
-from plm_jax.sharding import make_mesh, shard_batch, use_mesh
+from plm_jax.sharding import batch_sharding, make_mesh, shard_batch, use_mesh
 from plm_jax.tasks.batching import BucketBatcher, bucket_lengths
 from plm_jax.tasks.data import TaskData, load_task_data
 from plm_jax.tasks.model import TaskModel
@@ -295,7 +295,7 @@ def setup(cfg: Config, *, show_progress: bool = True) -> FineTuner:
                 state = _load_backbone(cfg, state, shardings)
         else:
             latest, state, data_state, saved = restored
-            changed = check_resume(saved, cfg, checkpointer.directory / str(latest))
+            changed = check_resume(saved, cfg, checkpointer.directory / str(latest), latest)
             if changed:
                 log.info("resuming with new values of %s", ", ".join(changed))
             batcher.set_state(data_state["batcher"])
@@ -541,13 +541,14 @@ def _check_largest_bucket_fits(ft: FineTuner) -> None:
     ft.batcher.set_state(position)
     length = max(x.shape[1] for x in probe.values() if x.ndim >= 2)
     longest = max(length, cfg.model.max_seq_len)
-    largest = {
-        key: np.pad(x, [(0, 0), (0, longest - length)] + [(0, 0)] * (x.ndim - 2))
-        if x.ndim >= 2 and x.shape[1] == length
-        else x
-        for key, x in probe.items()
-    }
-    batch = shard_batch(largest, ft.mesh, t.batch_size)
+
+    def widened(x: np.ndarray) -> jax.ShapeDtypeStruct:  # shapes only: nothing is placed
+        shape = [t.batch_size, *x.shape[1:]]
+        if x.ndim >= 2 and x.shape[1] == length:
+            shape[1] = longest
+        return jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=batch_sharding(ft.mesh, x.ndim))
+
+    batch = {key: widened(x) for key, x in probe.items()}
 
     def compiled_at(grad_accum: int):
         with use_mesh(ft.mesh, cfg.mesh.rules):

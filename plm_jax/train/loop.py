@@ -167,7 +167,7 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
                 state = dataclasses.replace(state, params=params)
         else:
             latest, state, data_state, saved = restored
-            changed = check_resume(saved, cfg, checkpointer.directory / str(latest))
+            changed = check_resume(saved, cfg, checkpointer.directory / str(latest), latest)
             if changed:
                 log.info("resuming with new values of %s", ", ".join(changed))
             pipeline.train.set_state(data_state)
