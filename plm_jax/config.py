@@ -531,9 +531,7 @@ RESUMABLE_KEYS = (
 RESUMABLE_SECTIONS = ("checkpoint.", "mesh.", "distributed.")
 
 
-def check_resume(
-    saved: dict[str, Any], cfg: Config, where: str | Path, step: int
-) -> list[str]:
+def check_resume(saved: dict[str, Any], cfg: Config, where: str | Path, step: int) -> list[str]:
     """The keys that differ between a checkpoint's config and this run's, if all may differ.
 
     A step-0 checkpoint (`plm-jax convert` writes one) has trained on nothing, so only what
