@@ -37,6 +37,7 @@ __all__ = [
     "MESH_AXES",
     "batch_sharding",
     "constrain",
+    "current_mesh",
     "logical_to_sharding",
     "logical_to_spec",
     "make_mesh",
@@ -124,6 +125,11 @@ def logical_to_sharding(
             fitted.append(axes if size % devices == 0 else None)
         spec = PartitionSpec(*fitted)
     return NamedSharding(mesh, spec)
+
+
+def current_mesh() -> Mesh | None:
+    """The mesh `use_mesh` made current, or None (unsharded code, one device)."""
+    return _MESH.get()
 
 
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:

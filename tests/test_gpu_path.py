@@ -40,7 +40,8 @@ from flax import nnx
 
 from plm_jax import xla_flags
 from plm_jax.config import ModelConfig
-from plm_jax.models import Decoder, attention_mask
+from plm_jax.models import Decoder, attention_segments
+from plm_jax.models.attention import KERNELS
 
 try:
     import pytest
@@ -302,14 +303,15 @@ def _assert_close_as_bf16(name, cudnn, xla_bf16, ref, rows=None):
 
 
 @functools.cache
-def _attention_vjp(implementation: str | None, dtype: str):
-    """Jitted (q, k, v, mask, cotangent) -> (out, dq, dk, dv) in `dtype`."""
+def _attention_vjp(kernel: str, dtype: str):
+    """Jitted (q, k, v, mask, cotangent) -> (out, dq, dk, dv) in `dtype`, through the kernel
+    `Attention` runs for model.attention=kernel (cudnn: the causal flag plus the segment mask)."""
 
     def run(q, k, v, mask, cotangent):
         q, k, v, cotangent = (x.astype(dtype) for x in (q, k, v, cotangent))
 
         def attend(q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+            return KERNELS[kernel](q, k, v, mask, None)
 
         out, vjp = jax.vjp(attend, q, k, v)
         return (out, *vjp(cotangent))
@@ -329,12 +331,13 @@ def _check_attention_kernel(kind: str) -> None:
     # Padding rows get no gradient, as in training, where their loss weight is 0.
     cotangent = jax.random.normal(keys[3], q.shape, jnp.float32) * real[:, :, None, None]
     index = jnp.arange(LENGTH)
-    mask = attention_mask(jnp.asarray(segment_ids), jnp.asarray(segment_ids), index, index)
+    segments = jax.device_put(jnp.asarray(segment_ids), device)
+    mask = attention_segments(segments, segments, index, index)  # aligned: is_causal=True
     args = jax.device_put((q, kk, v, mask, cotangent.astype(jnp.bfloat16)), device)
     with jax.default_matmul_precision("highest"):
-        ref = _attention_vjp(None, "float32")(*args)
+        ref = _attention_vjp("xla", "float32")(*args)
     cudnn = _attention_vjp("cudnn", "bfloat16")(*args)
-    xla = _attention_vjp(None, "bfloat16")(*args)
+    xla = _attention_vjp("xla", "bfloat16")(*args)
     for name, c, x, r, rows in zip(
         ("out", "dq", "dk", "dv"), cudnn, xla, ref, (real, real, None, None), strict=True
     ):

@@ -11,7 +11,7 @@ Nothing here imports `plm_jax.train`, `plm_jax.data` or `plm_jax.cli`, and no mo
 from flax import nnx
 
 from plm_jax.config import ModelConfig
-from plm_jax.models.attention import Attention, attention_mask
+from plm_jax.models.attention import Attention, AttentionMask, attention_mask, attention_segments
 from plm_jax.models.encoder import Encoder, EncoderOutput
 from plm_jax.models.encoder_decoder import EncoderDecoder, RelativePositionBias, Seq2SeqCache
 from plm_jax.models.layers import (
@@ -31,6 +31,7 @@ from plm_jax.models.transformer import Block, Decoder, KVCache, LmOutput
 
 __all__ = [
     "Attention",
+    "AttentionMask",
     "Block",
     "Decoder",
     "Embed",
@@ -49,6 +50,7 @@ __all__ = [
     "SwiGluMlp",
     "apply_rope",
     "attention_mask",
+    "attention_segments",
     "build_model",
     "count_params",
     "make_param",

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from plm_jax.config import ModelConfig
-from plm_jax.models.attention import attention_mask
+from plm_jax.models.attention import attention_segments
 from plm_jax.models.layers import (
     INIT_STD,
     Embed,
@@ -158,7 +158,7 @@ class Encoder(Stack):
         index = jnp.arange(length, dtype=jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(index, (batch, length))
-        mask = attention_mask(segment_ids, segment_ids, index, index, causal=False)
+        mask = attention_segments(segment_ids, segment_ids, index, index, causal=False)
         embed_key, layer_keys = self._dropout_keys(deterministic, rngs)
 
         x = self.embed(tokens)

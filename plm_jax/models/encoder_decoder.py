@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from plm_jax.config import ModelConfig
-from plm_jax.models.attention import ATTENTION_IMPLEMENTATIONS, Attention, attention_mask
+from plm_jax.models.attention import ATTENTION_IMPLEMENTATIONS, Attention, attention_segments
 from plm_jax.models.layers import (
     INIT_STD,
     Embed,
@@ -470,7 +470,7 @@ class EncoderDecoder(nnx.Module):
         index = jnp.arange(length, dtype=jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(index, (batch, length))
-        mask = attention_mask(segment_ids, segment_ids, index, index, causal=False)
+        mask = attention_segments(segment_ids, segment_ids, index, index, causal=False)
         bias = None
         if self.encoder_rel_bias is not None:
             bias = self.encoder_rel_bias(positions[:, None, :] - positions[:, :, None])
@@ -537,7 +537,7 @@ class EncoderDecoder(nnx.Module):
         if cache is None:
             if positions is None:
                 positions = jnp.broadcast_to(q_index, (batch, length))
-            mask = attention_mask(segment_ids, segment_ids, q_index, q_index)
+            mask = attention_segments(segment_ids, segment_ids, q_index, q_index)
             relative = positions[:, None, :] - positions[:, :, None]
             k_segment = segment_ids
         else:
@@ -547,10 +547,10 @@ class EncoderDecoder(nnx.Module):
             start = (jnp.zeros((), jnp.int32), cache.index)
             k_segment = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start)
             k_index = jnp.arange(k_segment.shape[1], dtype=jnp.int32)
-            mask = attention_mask(segment_ids, k_segment, cache.index + q_index, k_index)
+            mask = attention_segments(segment_ids, k_segment, cache.index + q_index, k_index)
             relative = k_index[None, None, :] - positions[:, :, None]  # keys at their slots
         source_index = jnp.arange(encoder_segment_ids.shape[1], dtype=jnp.int32)
-        cross_mask = attention_mask(
+        cross_mask = attention_segments(
             segment_ids, encoder_segment_ids, q_index, source_index, causal=False
         )
         return positions, mask, cross_mask, relative, k_segment
