@@ -118,7 +118,9 @@ def model_config_from_hf(
         math in a way plm_jax does not compute, named with its value.
     """
     family = _family(hf_config)
-    cfg = family.config_from_hf(hf_config)
+    # float32 compute, as transformers computes the reference; not model.dtype's "auto" (a
+    # run from these weights takes its own dtype: init_from's RUNTIME_MODEL_FIELDS).
+    cfg = dataclasses.replace(family.config_from_hf(hf_config), dtype="float32")
     if tensors is not None and family.config_from_tensors is not None:
         names = _canonical(family, tensors).keys()
         cfg = family.config_from_tensors(cfg, _prefix(family, names), names)

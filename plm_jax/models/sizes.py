@@ -21,7 +21,25 @@ from flax import nnx
 
 from plm_jax.config import ModelConfig
 
-__all__ = ["count_params", "param_count", "resolve_model_config"]
+__all__ = ["count_params", "param_count", "resolve_compute_dtype", "resolve_model_config"]
+
+# model.dtype=auto: mixed precision where the matrix units are built for it (bfloat16 compute,
+# float32 parameters and optimizer state), float32 on CPU, where bfloat16 matmuls are no faster
+# and tests compare against float32 references.
+AUTO_DTYPES = {"cpu": "float32", "gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16"}
+
+
+def resolve_compute_dtype(dtype: str, platform: str | None = None) -> str:
+    """`model.dtype` with "auto" replaced for `platform` (default: jax's default backend);
+    any other value is returned as given.
+
+    "auto" is bfloat16 on GPU and TPU (every accelerator platform but CPU) and float32 on CPU.
+    A plan for other devices than the attached ones passes their platform ("tpu").
+    """
+    if dtype != "auto":
+        return dtype
+    platform = jax.default_backend() if platform is None else platform
+    return AUTO_DTYPES.get(platform, "bfloat16")
 
 
 def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
@@ -30,7 +48,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     num_kv_heads 0 -> num_heads; head_dim 0 -> embed_dim // num_heads; mlp_dim 0 -> 4 * embed_dim
     for GELU and ReLU, or LLaMA's rule for the gated SwiGLU and GeGLU: int(2/3 * 4 * embed_dim)
     (as many parameters as a 4x GELU MLP), rounded up to a multiple of 256; an encoder-decoder's
-    num_decoder_layers 0 -> num_layers.
+    num_decoder_layers 0 -> num_layers; dtype auto -> `resolve_compute_dtype` on the default
+    backend.
 
     Raises:
       ValueError: vocab_size not positive, or heads that do not divide.
@@ -65,6 +84,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         head_dim=cfg.head_dim or cfg.embed_dim // cfg.num_heads,
         mlp_dim=mlp_dim,
         num_decoder_layers=decoder_layers,
+        dtype=resolve_compute_dtype(cfg.dtype),
     )
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from plm_jax.config import ModelConfig
-from plm_jax.models.attention import ATTENTION_IMPLEMENTATIONS, Attention, attention_mask
+from plm_jax.models.attention import ATTENTION_IMPLEMENTATIONS, Attention, attention_segments
 from plm_jax.models.layers import (
     INIT_STD,
     Embed,
@@ -105,7 +105,7 @@ def check_variants(cfg: ModelConfig, family: str) -> None:
         "norm": NORMS,
         "mlp": MLPS,
         "remat": REMAT_POLICIES,
-        "dtype": DTYPES,
+        "dtype": [*DTYPES, "auto"],  # auto: resolve_model_config picks one per platform
         "attention": ATTENTION_IMPLEMENTATIONS,
         "param_dtype": DTYPES,
         "position": POSITION_EMBEDDINGS,
@@ -333,7 +333,8 @@ class Decoder(Stack):
           cache: a `KVCache`; the chunk is written at `cache.index` (prefill: a whole padded
             prompt batch; decode: [B, 1]).
           rngs: dropout randomness for this call (overrides the stored stream).
-          lm_logits: False skips the output head (logits None), for task heads on `hidden`.
+          lm_logits: False skips the output head (logits None), for task heads on `hidden`
+            or a loss that applies `lm_head` to chunks of it.
 
         Returns:
           `LmOutput(logits [B, L, V] float32, hidden [B, L, D], cache)`.
@@ -358,13 +359,7 @@ class Decoder(Stack):
         x, kv = self._run_blocks(x, mask=mask, rope=rope, keys=layer_keys, kv=kv, index=index)
 
         hidden = self.final_norm(x)
-        logits = None
-        if lm_logits and self.head is None:
-            logits = constrain(self.embed.attend(hidden), LOGIT_AXES)
-        elif lm_logits:
-            w = self.head[...].astype(hidden.dtype)
-            logits = token_einsum("BLD,DV->BLV", hidden, w, preferred_element_type=jnp.float32)
-            logits = constrain(logits, LOGIT_AXES)
+        logits = self.lm_head(hidden) if lm_logits else None
         if cache is not None:
             real_next = jnp.where(segment_ids != 0, positions + 1, 0).max(axis=1)
             cache = KVCache(
@@ -376,14 +371,24 @@ class Decoder(Stack):
             )
         return LmOutput(logits=logits, hidden=hidden, cache=cache)
 
+    def lm_head(self, hidden: jax.Array) -> jax.Array:
+        """The output head: hidden [B, L, D] (after the final norm) -> logits [B, L, V] float32,
+        tied to the embedding or not. The train step applies it to chunks of positions of
+        `hidden` (`train.loss_chunk`), so the whole [B, L, V] logits need not exist at once."""
+        if self.head is None:
+            return constrain(self.embed.attend(hidden), LOGIT_AXES)
+        w = self.head[...].astype(hidden.dtype)
+        logits = token_einsum("BLD,DV->BLV", hidden, w, preferred_element_type=jnp.float32)
+        return constrain(logits, LOGIT_AXES)
+
     def _layout(self, shape, positions, segment_ids, cache):
-        """Positions [B, L], the mask [B, 1, L, S] and the key segment ids [B, S]."""
+        """Positions [B, L], the `AttentionMask` ([B, 1, L, S]) and the key segment ids [B, S]."""
         batch, length = shape
         q_index = jnp.arange(length, dtype=jnp.int32)
         if cache is None:
             if positions is None:
                 positions = jnp.broadcast_to(q_index, (batch, length))
-            mask = attention_mask(segment_ids, segment_ids, q_index, q_index)
+            mask = attention_segments(segment_ids, segment_ids, q_index, q_index)
             return positions, mask, segment_ids
         if positions is None:
             count = jnp.cumsum(segment_ids != 0, axis=1, dtype=jnp.int32)
@@ -391,5 +396,5 @@ class Decoder(Stack):
         start = (jnp.zeros((), jnp.int32), cache.index)
         k_segment = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start)
         k_index = jnp.arange(k_segment.shape[1], dtype=jnp.int32)
-        mask = attention_mask(segment_ids, k_segment, cache.index + q_index, k_index)
+        mask = attention_segments(segment_ids, k_segment, cache.index + q_index, k_index)
         return positions, mask, k_segment

@@ -8,6 +8,7 @@ model names them `bias` or `b_*`), since per-head biases such as `b_q` [N, H] ar
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from plm_jax.config import TrainConfig
@@ -73,9 +74,14 @@ def layerwise_lr_factors(params, num_layers: int, decay: float, scanned: bool):
     return jax.tree_util.tree_map_with_path(factor, params)
 
 
+MU_DTYPES = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.mu_dtype
+
+
 def make_optimizer(train: TrainConfig, lr_factors=None) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW with the schedule and the decay mask; `lr_factors` (a
-    tree from `layerwise_lr_factors`) scales each parameter's update."""
+    tree from `layerwise_lr_factors`) scales each parameter's update. `train.mu_dtype` stores
+    the first moment in bfloat16 (half its memory) when asked; the second moment keeps the
+    parameters' dtype, since its square-root in the denominator is where precision matters."""
     parts = []
     if train.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(train.grad_clip))
@@ -86,6 +92,9 @@ def make_optimizer(train: TrainConfig, lr_factors=None) -> optax.GradientTransfo
             b2=train.beta2,
             weight_decay=train.weight_decay,
             mask=decay_mask,
+            # None: the first moment in the parameters' dtype; the update itself is computed
+            # in float32 and applied to the float32 master weights either way.
+            mu_dtype=MU_DTYPES[train.mu_dtype],
         )
     )
     if lr_factors is not None:

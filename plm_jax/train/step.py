@@ -10,12 +10,16 @@ the number of real (weight-1) target tokens (for a masked LM: masked tokens) in 
 accumulated batch, and the micro-batch
 gradients are summed. So k micro-batches give the same gradient as one batch k times larger
 (up to float rounding), however the padding is spread among them.
+
+`train.loss_chunk` > 0 (decoders): the model returns its final hidden states and
+`chunked_next_token_loss` applies the head and the loss a chunk of positions at a time, so the
+[B, L, V] float32 logits are never whole; 0 computes them at once, as before the option.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -55,12 +59,61 @@ def next_token_loss(
     return jnp.sum(ce * weights)
 
 
-def lm_forward(model, batch: Batch, *, deterministic: bool, rngs: nnx.Rngs | None):
+def chunked_next_token_loss(
+    hidden: jax.Array,
+    head: Callable[[jax.Array], jax.Array],
+    targets: jax.Array,
+    weights: jax.Array,
+    chunk: int,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+    """`next_token_loss(head(hidden), ...)` computed `chunk` positions at a time, so that the
+    [B, L, V] float32 logits and their gradient never exist whole.
+
+    Each chunk's logits [B, C, V] are made, reduced to its loss sum and dropped; under
+    `jax.checkpoint` the backward pass recomputes them chunk by chunk (one more head matmul,
+    2*B*C*D*V FLOPs per chunk) instead of keeping them. The chunks are slices of the sequence
+    axis, so every batch-sharded device works on its rows of every chunk, and vocabulary
+    sharding of the logits is kept. This is MaxText's "vocabulary tiling" (tiles of the hidden
+    states); a length that `chunk` does not divide is padded with zero-weight positions.
+
+    Args:
+      hidden: [B, L, D] final hidden states; head: [B, C, D] -> [B, C, V] float32 logits
+        (`Decoder.lm_head`); targets: [B, L] int32; weights: [B, L]; chunk: C > 0, positions
+        per chunk (at most L are used); label_smoothing: as in `next_token_loss`.
+
+    Returns:
+      [] the weighted sum of the per-token losses (the plain sum up to float32 rounding).
+    """
+    batch, length = targets.shape
+    chunk = min(chunk, length)
+    pad = -length % chunk
+
+    def split(x: jax.Array) -> jax.Array:  # [B, L, ...] -> [L/C, B, C, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = jnp.moveaxis(x.reshape(batch, -1, chunk, *x.shape[2:]), 1, 0)
+        return constrain(x, (None, "act_batch", "act_seq", *(["act_embed"] * (x.ndim - 3))))
+
+    @jax.checkpoint  # saves only the inputs: the backward pass recomputes this chunk's logits
+    def chunk_loss(h, t, w):
+        return next_token_loss(head(h), t, w, label_smoothing)
+
+    def add_chunk(total, chunk_inputs):
+        return total + chunk_loss(*chunk_inputs), None
+
+    chunks = (split(hidden), split(targets), split(weights))
+    total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), chunks)
+    return total
+
+
+def lm_forward(
+    model, batch: Batch, *, deterministic: bool, rngs: nnx.Rngs | None, lm_logits: bool = True
+):
     """The model's output (`LmOutput`/`EncoderOutput`) on a batch of either layout.
 
     A batch with `decoder_inputs` is an encoder-decoder batch (inputs, segment_ids and
     positions feed the encoder; the `decoder_*` keys the decoder); any other feeds `inputs`
-    to a decoder or encoder.
+    to a decoder or encoder. `lm_logits=False` leaves the head out (logits None).
     """
     if "decoder_inputs" in batch:
         return model(
@@ -72,6 +125,7 @@ def lm_forward(model, batch: Batch, *, deterministic: bool, rngs: nnx.Rngs | Non
             decoder_segment_ids=batch["decoder_segment_ids"],
             deterministic=deterministic,
             rngs=rngs,
+            lm_logits=lm_logits,
         )
     return model(
         batch["inputs"],
@@ -79,13 +133,23 @@ def lm_forward(model, batch: Batch, *, deterministic: bool, rngs: nnx.Rngs | Non
         segment_ids=batch["segment_ids"],
         deterministic=deterministic,
         rngs=rngs,
+        lm_logits=lm_logits,
     )
 
 
-def _forward_loss(params, graphdef, batch: Batch, key: jax.Array | None) -> jax.Array:
+def _forward_loss(
+    params, graphdef, batch: Batch, key: jax.Array | None, loss_chunk: int = 0
+) -> jax.Array:
+    """The batch's loss sum; `loss_chunk` > 0 (decoders) applies the head in chunks."""
     model = nnx.merge(graphdef, params)
     rngs = None if key is None else nnx.Rngs(dropout=key)
-    out = lm_forward(model, batch, deterministic=key is None, rngs=rngs)
+    deterministic = key is None
+    if loss_chunk:
+        out = lm_forward(model, batch, deterministic=deterministic, rngs=rngs, lm_logits=False)
+        return chunked_next_token_loss(
+            out.hidden, model.lm_head, batch["targets"], batch["weights"], loss_chunk
+        )
+    out = lm_forward(model, batch, deterministic=deterministic, rngs=rngs)
     return next_token_loss(out.logits, batch["targets"], batch["weights"])
 
 
@@ -193,13 +257,15 @@ def train_step(
     grad_accum: int,
     use_dropout: bool,
     guard: Guard = NO_GUARD,
+    loss_chunk: int = 0,
 ) -> tuple[TrainState, Metrics]:
-    """One optimizer step over `grad_accum` micro-batches. Pure: no I/O, no host transfers."""
+    """One optimizer step over `grad_accum` micro-batches. Pure: no I/O, no host transfers.
+    `loss_chunk` > 0: the head and loss run that many positions at a time."""
     total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params, mb, key):
-        return _forward_loss(params, graphdef, mb, key)
+        return _forward_loss(params, graphdef, mb, key, loss_chunk)
 
     grads, losses = accumulate(loss_fn, state.params, batch, grad_accum, step_key, use_dropout)
     new_state, metrics = apply_update(state, grads, losses, total, tx, guard)
@@ -213,7 +279,9 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef) -> Metrics:
+def eval_step(
+    params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef, loss_chunk: int = 0
+) -> Metrics:
     """Summed loss and token count of one batch (summed again over batches by the caller)."""
-    loss = _forward_loss(params, graphdef, batch, None)
+    loss = _forward_loss(params, graphdef, batch, None, loss_chunk)
     return {"loss_sum": loss, "tokens": jnp.sum(batch["weights"])}
