@@ -3,7 +3,8 @@
 - Sizes: `nonembedding_params`, `param_breakdown` (closed form, from `models.sizes`).
 - FLOPs: `train_flops_per_token` (the DESIGN.md formula, named by its `formula` field).
 - Peak: `device_peak_flops` (a table of bf16 dense peaks), `measure_cpu_peak_flops`, `peak_flops`.
-- `mfu`, `StepTimer` (tokens/s between metric fetches), `MetricsWriter` (JSONL + TensorBoard),
+- `mfu`, `StepTimer` (tokens/s between metric fetches), `MetricsWriter` (JSONL + TensorBoard,
+  and the trackers of `plm_jax.tracking`),
   `read_metrics`, `ProgressBar` (tqdm).
 
 What it leaves out: computing metric values inside the step (train/) and deciding when to log
@@ -325,14 +326,23 @@ class MetricsWriter:
     Inf are written as null so every line is strict JSON (TensorBoard still gets the raw value).
     A resumed run appends; if a crash cut the last line short, the next write starts a new line.
     With `enabled=False` (processes other than 0 in multi-host runs) nothing is written.
-    Without tensorboardX installed it warns once and writes the JSONL only.
+    Without tensorboardX installed it warns once and writes the JSONL only. `trackers` (e.g.
+    `plm_jax.tracking.WandbWriter`) get every record too, under the same names.
     """
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, use_tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        use_tensorboard: bool = True,
+        trackers: Sequence[Any] = (),
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file: TextIO | None = None
         self._tb: Any = None
+        self._trackers = list(trackers) if enabled else []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,12 +380,16 @@ class MetricsWriter:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, float(value), global_step=int(step))
             self._tb.flush()
+        for tracker in self._trackers:
+            tracker.write(int(step), metrics)
 
     def write_text(self, tag: str, text: str, step: int = 0) -> None:
         """Logs free text (compile info, the resolved config) to TensorBoard only."""
         if self._tb is not None:
             self._tb.add_text(tag, text, global_step=step)
             self._tb.flush()
+        for tracker in self._trackers:
+            tracker.write_text(tag, text, step)
 
     def close(self) -> None:
         if self._file is not None:
@@ -384,6 +398,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def _last_byte(path: Path) -> bytes:

@@ -45,6 +45,7 @@ from plm_jax.tasks.data import TaskData, load_task_data
 from plm_jax.tasks.model import TaskModel
 from plm_jax.tasks.task_tokenizer import ensure_task_tokenizer
 from plm_jax.tokenizer import Tokenizer
+from plm_jax.tracking import open_metrics_writer
 from plm_jax.train.init_from import load_init_params, resolve_init_from
 from plm_jax.train.loop import (
     accum_choices,
@@ -321,7 +322,7 @@ def setup(cfg: Config, *, show_progress: bool = True) -> FineTuner:
             cfg, cfg.model, mesh, tokens=f"up to {cfg.train.batch_size} x {cfg.model.max_seq_len}"
         ),
     )
-    writer = MetricsWriter(cfg.run_dir, enabled=is_primary)
+    writer = open_metrics_writer(cfg, enabled=is_primary)  # JSONL + run.trackers
     return FineTuner(
         cfg,
         data,
