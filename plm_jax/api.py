@@ -8,6 +8,7 @@
     model.embed(["Hello, my dog is cute"])        # hidden states + pooled vector (any model)
     model.fill_mask(["Return the <mask> value."]) # masked-LM predictions (encoders)
     model.transform(["Return the <extra_id_0>."]) # beam-search outputs (encoder-decoders)
+    model.explain("Return the", output="out/")    # attention, logit lens, attributions, ablations
 
 The checkpoint's own saved config rebuilds the model, so no YAML is needed; a Hugging Face
 directory is imported first (`plm-jax convert --from hf`). What it leaves out: fine-tuned task
@@ -99,6 +100,17 @@ class LoadedModel:
         texts = [texts] if isinstance(texts, str) else list(texts)
         kwargs.setdefault("max_source_len", self.config.model.max_seq_len)
         return decode_texts(self.model, self.tokenizer, texts, **kwargs)
+
+    def explain(self, text: str, *, output: str | Path | None = None, **kwargs: Any):
+        """Attention maps, logit lens, attributions and ablations of `text` (see
+        `plm_jax.explain.explain_model`); with `output`, also writes report.html there."""
+        from plm_jax.explain import explain_model
+        from plm_jax.explain.report import write_report
+
+        result = explain_model(self.model, self.tokenizer, text, source=str(self.path), **kwargs)
+        if output is not None:
+            write_report(result, output)
+        return result
 
     def _need_decoder(self, what: str) -> None:
         if not isinstance(self.model, Decoder):
