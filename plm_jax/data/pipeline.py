@@ -18,13 +18,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from plm_jax.config import Config, DataConfig
+import numpy as np
+
+from plm_jax.config import Config, DataConfig, ModelConfig
 from plm_jax.data.loader import BatchLoader, eval_loader
 from plm_jax.data.masking import MlmMasker
 from plm_jax.data.packing import PackedWindows
 from plm_jax.data.prepare import PreparedData, prepare_data
 from plm_jax.data.sources import SourceStats, check_stats, iter_documents, resolve_files
-from plm_jax.data.span_corruption import SpanCorruption
+from plm_jax.data.span_corruption import SpanCorruption, span_corruption_lengths
 from plm_jax.distributed import primary_first
 from plm_jax.errors import ConfigError, DataError
 from plm_jax.tokenizer import Tokenizer, sentinel_pieces, train_tokenizer
@@ -157,6 +159,27 @@ def make_span_corruption(cfg: Config, tokenizer: Tokenizer) -> SpanCorruption | 
         )
     except ValueError as e:
         raise ConfigError(f"span corruption (model.family=encoder_decoder): {e}") from None
+
+
+def batch_shapes(cfg: Config, model: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (global shape, dtype)} of the train batches `build_pipeline` yields for `cfg`.
+
+    `plm-jax plan` compiles the step from these shapes without reading any data; a test
+    checks them against the real pipeline's batches for every family.
+    """
+    rows, length = cfg.train.batch_size, model.max_seq_len
+    ints, floats = np.dtype(np.int32), np.dtype(np.float32)
+    side = {key: ((rows, length), ints) for key in ("inputs", "segment_ids", "positions")}
+    if model.family != "encoder_decoder":
+        return {**side, "targets": ((rows, length), ints), "weights": ((rows, length), floats)}
+    _, decoder_len = span_corruption_lengths(
+        length, cfg.data.noise_density, cfg.data.mean_span_length
+    )
+    decoder = {
+        key: ((rows, decoder_len), ints)
+        for key in ("decoder_inputs", "decoder_segment_ids", "decoder_positions", "targets")
+    }
+    return {**side, **decoder, "weights": ((rows, decoder_len), floats)}
 
 
 def build_pipeline(
