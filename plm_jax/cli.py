@@ -214,6 +214,42 @@ def build_parser() -> argparse.ArgumentParser:
         ("--input", dict(required=True, metavar="FILE.jsonl")),
         ("--output", dict(metavar="FILE.jsonl", help="default: print JSON lines")),
     )
+    checkpoint_command(
+        "explain",
+        "attention maps, logit lens, token attributions and ablations of one text, as an "
+        "HTML report (decoders, encoders, classifiers, encoder-decoders)",
+        cmd_explain,
+        ("--text", dict(required=True, help="the text (MLM encoders: with a mask token)")),
+        ("--target", dict(help="the explained token or label; default: the model's top one")),
+        (
+            "--method",
+            dict(default="all", help="attention,logit-lens,attributions,ablations or all"),
+        ),
+        ("--output", dict(required=True, metavar="DIR", help="report.html, PNGs, JSON, NPZ")),
+        ("--prefix", dict(default="", help="encoder-decoders: the decoder's output so far")),
+        ("--baseline", dict(default="pad", help="integrated gradients' baseline: pad or zero")),
+        ("--steps", dict(type=int, default=64, help="integrated gradients' quadrature nodes")),
+        ("--ablation", dict(default="zero", help="zero or mean ablation")),
+        ("--mean-heads", dict(action="store_true", help="attention: layer means only")),
+    )
+
+    plan = config_command(
+        "plan",
+        "compile the train step for these devices or a TPU slice (--topology) and report its "
+        "memory per device, FLOPs, collectives and roofline bound; exit 2 when it does not fit",
+        cmd_plan,
+    )
+    plan.add_argument(
+        "--topology",
+        metavar="SLICE",
+        help="compile for compile-only TPU devices: v5e-8, v5p-32, v6e-256, v5p:2x2x4 (libtpu)",
+    )
+    plan.add_argument(
+        "--fit",
+        choices=["batch", "remat"],
+        help="batch: the largest per-device batch that fits; remat: the cheapest model.remat",
+    )
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
 
     conv = sub.add_parser("convert", help="move weights to or from Hugging Face format")
     conv.add_argument("--from", dest="src", choices=["hf", "plm_jax"], default="plm_jax")
@@ -221,6 +257,36 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--input", required=True, metavar="DIR")
     conv.add_argument("--output", required=True, metavar="DIR")
     conv.set_defaults(handler=cmd_convert)
+
+    checkpoint_command(
+        "lm-eval",
+        "lm-evaluation-harness tasks (HellaSwag, ARC, local YAML tasks, ...) on a decoder",
+        cmd_lm_eval,
+        ("--tasks", dict(required=True, metavar="T1,T2", help="task names, comma-separated")),
+        ("--include-path", dict(metavar="DIR", help="a directory of local YAML tasks")),
+        ("--num-fewshot", dict(type=int, metavar="K", help="default: each task's own")),
+        ("--limit", dict(type=float, metavar="N", help="examples per task (below 1: a fraction)")),
+        ("--batch-size", dict(type=int, default=8)),
+        ("--bootstrap-iters", dict(type=int, default=100_000, help="0 skips bootstrap stderrs")),
+        ("--log-samples", dict(action="store_true", help="keep every request in the JSON")),
+        ("--output", dict(metavar="FILE.json", help="write the harness's results JSON here")),
+    )
+
+    plot = sub.add_parser(
+        "plot",
+        help="draw the training curves of one or several runs into an image",
+        description="Draw metrics.jsonl curves of one or several runs, one panel per metric.",
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    plot.add_argument(
+        "--metrics",
+        metavar="M1,M2",
+        help="default: train/loss,eval/loss,perf/tokens_per_sec (those logged)",
+    )
+    plot.add_argument("--x", dest="x_axis", choices=["step", "tokens"], default="step")
+    plot.add_argument("--labels", metavar="L1,L2", help="legend labels, one per run")
+    plot.add_argument("--output", required=True, metavar="FILE.png", help=".png, .svg or .pdf")
+    plot.set_defaults(handler=cmd_plot)
 
     ckpt = sub.add_parser("checkpoint", help="inspect a run's checkpoints")
     ckpt_sub = ckpt.add_subparsers(title="checkpoint commands", metavar="ACTION")
@@ -457,6 +523,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from plm_jax.explain import explain_path
+    from plm_jax.explain.report import REPORT_FILE
+
+    explanation = explain_path(
+        args.checkpoint,
+        args.text,
+        output=args.output,
+        per_head=not args.mean_heads,
+        target=args.target,
+        prefix=args.prefix,
+        methods=args.method,
+        baseline=args.baseline,
+        steps=args.steps,
+        ablation=args.ablation,
+    )
+    if explanation.truncation:
+        print(f"plm-jax: {explanation.truncation}", file=sys.stderr)
+    if explanation.target_name:
+        print(f"explained {explanation.target_name!r} ({explanation.kind})")
+    if explanation.attributions is not None:
+        a = explanation.attributions
+        print(f"integrated gradients: completeness error {100 * a.relative_error:.3f}%")
+    print(f"wrote {Path(args.output) / REPORT_FILE}")
+    return 0
+
+
 def _is_task_run(path: str) -> bool:
     from plm_jax.checkpoint import locate_checkpoint
     from plm_jax.tasks.finetune import BEST_FILE, LABELS_FILE
@@ -662,6 +755,24 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from plm_jax.plan import format_plan, plan
+
+    cfg = _load(args)
+    _show_config(args, cfg)
+    report = plan(cfg, topology=args.topology, fit=args.fit)
+    print(json.dumps(report) if args.json else format_plan(report))
+    if report["fits"] is False:
+        log.error(
+            "the train step needs %.2f GiB per device, more than the %.2f GiB usable%s",
+            report["memory_per_device"]["total"] / 2**30,
+            report["memory_per_device"]["usable"] / 2**30,
+            "" if args.fit else "; try --fit batch or --fit remat",
+        )
+        return 2
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from plm_jax.config import save_config
     from plm_jax.data.pipeline import build_pipeline, load_or_train_tokenizer
@@ -681,6 +792,41 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             f"tokens, {n_win} windows of {cfg.model.max_seq_len + 1}"
         )
     print(f"batches per epoch: {pipe.train.batches_per_epoch} of {cfg.train.batch_size} sequences")
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from plm_jax.evals.harness import results_table, run_lm_eval  # ConfigError without lm-eval
+
+    results = run_lm_eval(
+        args.checkpoint,
+        args.tasks.split(","),
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        limit=int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit,
+        batch_size=args.batch_size,
+        output=args.output,
+        log_samples=args.log_samples,
+        bootstrap_iters=args.bootstrap_iters,
+    )
+    print(results_table(results))
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from plm_jax.plot import plot_runs
+
+    result = plot_runs(
+        args.runs,
+        output=args.output,
+        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
+        x_axis=args.x_axis,
+        labels=args.labels.split(",") if args.labels else None,
+    )
+    metrics = sorted({c.metric for c in result.curves})
+    print(f"wrote {result.path}: {len(result.curves)} curves of {', '.join(metrics)}")
     return 0
 
 

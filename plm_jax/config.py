@@ -52,6 +52,11 @@ class RunConfig:
     name: str = "quickstart"
     dir: str = ""  # "" means runs/<name>
     seed: int = 0
+    # Where metrics go besides <run.dir>/metrics.jsonl (always written): TensorBoard events in
+    # <run.dir>/tensorboard/, and W&B (pip install wandb; WANDB_MODE=offline writes
+    # <run.dir>/wandb/ for a later `wandb sync`). See plm_jax/tracking.py.
+    trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "plm_jax"
 
 
 @dataclass(frozen=True)
@@ -90,10 +95,13 @@ class ModelConfig:
     use_pooler: bool = True
     use_mlm_head: bool = True
     dropout: float = 0.0
-    attention: Literal["xla", "cudnn"] = "xla"
+    # auto: splash on TPU, cudnn on a GPU that can run it, xla otherwise (models/attention.py)
+    attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret"] = "xla"
     use_scan_layers: bool = False
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Compute dtype; parameters (the optimizer's master copy) are stored in param_dtype.
+    # auto: bfloat16 on GPU and TPU, float32 on CPU (resolved where the model is built).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
@@ -125,6 +133,37 @@ _BERT: dict[str, Any] = dict(
     use_bias=True,
     tie_embeddings=True,
     type_vocab_size=2,
+)
+
+_GPT2: dict[str, Any] = dict(
+    vocab_size=50257,
+    max_seq_len=1024,
+    position="learned",
+    norm="layernorm",
+    mlp="gelu",
+    use_bias=True,
+    tie_embeddings=True,
+)
+
+_LLAMA3: dict[str, Any] = dict(
+    vocab_size=128256,
+    num_kv_heads=8,
+    max_seq_len=8192,
+    position="rope",
+    rope_theta=500000.0,
+    norm="rmsnorm",
+    norm_eps=1e-5,
+    mlp="swiglu",
+    use_bias=False,
+)
+_LLAMA32: dict[str, Any] = dict(
+    _LLAMA3,
+    tie_embeddings=True,
+    rope_scaling="llama3",
+    rope_scaling_factor=32.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_len=8192,
 )
 
 # Published shapes. A preset fills the model section before the YAML file and the overrides,
@@ -173,6 +212,26 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         use_bias=False,
         tie_embeddings=True,
     ),
+    # Llama 3 and 3.2 (Meta 2024, the checkpoints' config.json): GQA with 8 kv heads, RoPE
+    # theta 500k, vocabulary 128256. 3.2 ties the head and scales RoPE ("llama3", factor 32);
+    # 3.0 does not. max_seq_len is the 8192-token pretraining length, not 3.2's 131072-token
+    # extended context (RoPE has no position table: model.max_seq_len=131072 is the same model).
+    "llama-3-8b": dict(
+        _LLAMA3, num_layers=32, embed_dim=4096, num_heads=32, mlp_dim=14336, tie_embeddings=False
+    ),
+    "llama-3-70b": dict(
+        _LLAMA3, num_layers=80, embed_dim=8192, num_heads=64, mlp_dim=28672, tie_embeddings=False
+    ),
+    "llama-3.2-1b": dict(
+        _LLAMA32, num_layers=16, embed_dim=2048, num_heads=32, head_dim=64, mlp_dim=8192
+    ),
+    "llama-3.2-3b": dict(
+        _LLAMA32, num_layers=28, embed_dim=3072, num_heads=24, head_dim=128, mlp_dim=8192
+    ),
+    # GPT-2 (Radford et al. 2019) medium (= gpt2-350m), large and xl.
+    "gpt2-medium": dict(_GPT2, num_layers=24, embed_dim=1024, num_heads=16),
+    "gpt2-large": dict(_GPT2, num_layers=36, embed_dim=1280, num_heads=20),
+    "gpt2-xl": dict(_GPT2, num_layers=48, embed_dim=1600, num_heads=25),
     # BERT (Devlin et al. 2019): post-norm, exact GELU, token types, pooler, tied MLM head.
     "bert-base": dict(_BERT, num_layers=12, embed_dim=768, num_heads=12, mlp_dim=3072),
     "bert-large": dict(_BERT, num_layers=24, embed_dim=1024, num_heads=16, mlp_dim=4096),
@@ -194,6 +253,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         num_heads=12,
         head_dim=64,
         mlp_dim=3072,
+    ),
+    # T5 v1.0 large (HF t5-large: ReLU, tied head), as t5-small and t5-base.
+    "t5-large": dict(
+        _T5,
+        num_layers=24,
+        num_decoder_layers=24,
+        embed_dim=1024,
+        num_heads=16,
+        head_dim=64,
+        mlp_dim=4096,
     ),
     # A test size in the v1.1 style (gated GELU, untied head); vocabulary from the tokenizer.
     "t5-tiny": dict(
@@ -273,6 +342,11 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
+    # Downstream tasks scored at every evaluation, logged as eval/<task>/acc: local
+    # multiple-choice JSONL files or lm-eval multiple_choice task names (plm_jax/evals).
+    evals: list[str] = field(default_factory=list)
+    evals_limit: int = 200  # examples per task: the first ones, the same at every evaluation
+    evals_include_path: str = ""  # a directory of local lm-eval YAML tasks for train.evals
     # A step whose loss or gradient norm is NaN/Inf: "abort" stops the run before anything
     # non-finite is saved (naming the step and batch); "skip" leaves params and optimizer
     # state unchanged and goes on with the next batch.
@@ -283,6 +357,13 @@ class TrainConfig:
     # in the train state, so it survives resume.
     spike_window: int = 0
     spike_zscore: float = 6.0
+    # Decoder pretraining: > 0 computes the output head and the loss this many sequence
+    # positions at a time (recomputed chunk by chunk backward), so the [batch, seq, vocab]
+    # float32 logits and their gradient never exist whole; 0 computes them at once.
+    loss_chunk: int = 0
+    # AdamW's first moment (optax mu_dtype): "" keeps the parameters' dtype; bfloat16 halves
+    # its memory. The second moment stays in the parameters' dtype.
+    mu_dtype: Literal["", "float32", "bfloat16"] = ""
 
 
 # Logical axis -> mesh axes. Weights use embed/mlp/heads/...; activations use act_*; FSDP shards
@@ -514,10 +595,16 @@ RESUMABLE_KEYS = (
     "train.log_every",
     "train.eval_every",
     "train.eval_batches",
+    "train.evals",
+    "train.evals_limit",
+    "train.evals_include_path",
+    "run.trackers",
+    "run.wandb_project",
     "train.nonfinite",
     "train.max_skipped",
     "train.spike_window",
     "train.spike_zscore",
+    "train.loss_chunk",
     "model.attention",
     "model.remat",
     "task.epochs",
@@ -798,6 +885,7 @@ def validate(cfg: Config) -> None:
         "train.grad_accum": t.grad_accum,
         "train.log_every": t.log_every,
         "train.eval_every": t.eval_every,
+        "train.evals_limit": t.evals_limit,
         "train.max_skipped": t.max_skipped,
         "checkpoint.save_every": cfg.checkpoint.save_every,
         "checkpoint.keep": cfg.checkpoint.keep,
@@ -852,6 +940,7 @@ def validate(cfg: Config) -> None:
         )
     if not t.spike_zscore > 0:
         raise ConfigError(f"train.spike_zscore={t.spike_zscore} must be positive")
+    _validate_loss_chunk(cfg)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
@@ -946,6 +1035,37 @@ def validate(cfg: Config) -> None:
         )
     _validate_rules(cfg.mesh)
     validate_distributed(cfg.distributed)
+    _validate_evals(cfg)
+
+
+def _validate_evals(cfg: Config) -> None:
+    """train.evals (plm_jax/evals/downstream.py) and run.trackers."""
+    if cfg.train.evals and cfg.model.family != "decoder":
+        raise ConfigError(
+            f"train.evals scores multiple-choice tasks with a causal LM; model.family="
+            f"{cfg.model.family!r} has none. Remove train.evals"
+        )
+    if any(not e.strip() for e in cfg.train.evals):
+        raise ConfigError(
+            f"train.evals={cfg.train.evals} holds an empty entry; give JSONL files or task names"
+        )
+    if len(set(cfg.run.trackers)) != len(cfg.run.trackers):
+        raise ConfigError(f"run.trackers={cfg.run.trackers} names a tracker twice")
+
+
+def _validate_loss_chunk(cfg: Config) -> None:
+    chunk = cfg.train.loss_chunk
+    if chunk < 0:
+        raise ConfigError(
+            f"train.loss_chunk={chunk} must be >= 0: 0 computes the loss from the whole "
+            "logits, N > 0 from N sequence positions at a time (e.g. 512)"
+        )
+    if chunk and (cfg.model.family != "decoder" or cfg.task.name):
+        what = f"task.name={cfg.task.name}" if cfg.task.name else f"model.family={cfg.model.family}"
+        raise ConfigError(
+            f"train.loss_chunk={chunk} chunks the next-token loss of decoder pretraining; "
+            f"{what} computes its loss from the whole logits. Set train.loss_chunk=0"
+        )
 
 
 def _validate_span_corruption(cfg: Config) -> None:
@@ -1023,6 +1143,12 @@ def _validate_model_variants(m: ModelConfig) -> None:
     if m.family == "encoder_decoder" and m.norm_placement != "pre":
         raise ConfigError(
             "model.family=encoder_decoder is pre-norm (T5); set model.norm_placement=pre"
+        )
+    if m.attention.startswith("splash") and m.position == "relative":
+        raise ConfigError(
+            f"model.attention={m.attention} takes no additive logit bias, and "
+            "model.position=relative (T5) adds one in every self-attention layer; use "
+            "model.attention=auto (XLA for the biased layers) or xla"
         )
     if m.position == "relative" and m.relative_buckets < 4:
         raise ConfigError(
@@ -1128,6 +1254,7 @@ def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
     the model (which `init_from` may have replaced since `validate`); returns the mesh shape."""
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)
     m, t, task = cfg.model, cfg.train, cfg.task
+    _validate_loss_chunk(cfg)  # init_from may have made the model an encoder since validate
     pools = task.name in ("classification", "regression") and task.pooling == "pooler"
     if pools and not (m.family == "encoder" and m.use_pooler):
         raise ConfigError(

@@ -36,6 +36,7 @@ from plm_jax.config import (
 )
 from plm_jax.data.pipeline import Pipeline, build_pipeline, load_or_train_tokenizer
 from plm_jax.errors import ConfigError, TrainingError
+from plm_jax.evals.downstream import DownstreamEvals
 from plm_jax.metrics import (
     MetricsWriter,
     ProgressBar,
@@ -48,6 +49,7 @@ from plm_jax.models import count_params
 from plm_jax.run_lock import hold_run_dir
 from plm_jax.sharding import batch_sharding, make_mesh, shard_batch, use_mesh
 from plm_jax.tokenizer import Tokenizer
+from plm_jax.tracking import check_trackers, open_metrics_writer
 from plm_jax.train.init_from import load_init_params, resolve_init_from
 from plm_jax.train.memory import check_step_fits
 from plm_jax.train.optimizer import lr_schedule, make_optimizer
@@ -98,6 +100,7 @@ class Trainer:
     writer: MetricsWriter
     step_fn: Any = None
     eval_fn: Any = None
+    downstream: DownstreamEvals | None = None  # train.evals, scored at every evaluation
 
 
 def _count(n: int) -> str:
@@ -142,6 +145,7 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
     """Builds (or restores) everything a run needs, before any step is compiled."""
     cfg = resolve_init_from(cfg)
     validate_for_devices(cfg, jax.device_count())
+    check_trackers(cfg)  # a missing wandb fails here, not after the data is prepared
     warn_if_remat_saves_nothing(cfg.model, jax.default_backend())
     mesh = make_mesh(cfg.mesh)
     is_primary = jax.process_index() == 0
@@ -177,9 +181,19 @@ def setup(cfg: Config, *, show_progress: bool = True) -> Trainer:
     if is_primary:
         save_config(cfg, cfg.run_dir / "config.yaml")
     log.info("%s", run_summary(cfg, model_cfg, mesh))
-    writer = MetricsWriter(cfg.run_dir, enabled=is_primary)
+    downstream = DownstreamEvals.from_config(cfg, tokenizer)  # bad tasks fail before compiling
+    writer = open_metrics_writer(cfg, enabled=is_primary)  # JSONL + run.trackers
     return Trainer(
-        cfg, model_cfg, tokenizer, mesh, pipeline, state, shardings, checkpointer, writer
+        cfg,
+        model_cfg,
+        tokenizer,
+        mesh,
+        pipeline,
+        state,
+        shardings,
+        checkpointer,
+        writer,
+        downstream=downstream,
     )
 
 
@@ -192,9 +206,13 @@ def accum_choices(batch_size: int, grad_accum: int, batch_shards: int) -> list[i
     return choices
 
 
-def _train_step_jit(tr: Trainer, grad_accum: int):
-    cfg = tr.cfg
-    graphdef, _ = model_graphdef(tr.model_cfg)
+def train_step_jit(
+    cfg: Config, model_cfg: ModelConfig, mesh: Any, shardings: TrainState, grad_accum: int
+):
+    """The jitted train step a run executes: static settings bound, shardings and donation set.
+
+    `plm-jax plan` compiles this same function for other devices (plm_jax/plan)."""
+    graphdef, _ = model_graphdef(model_cfg)
     return jax.jit(
         partial(
             train_step,
@@ -204,10 +222,22 @@ def _train_step_jit(tr: Trainer, grad_accum: int):
             grad_accum=grad_accum,  # static: micro-batches per step
             use_dropout=cfg.model.dropout > 0,
             guard=Guard.from_config(cfg.train),  # static: non-finite and spike skipping
+            loss_chunk=cfg.train.loss_chunk,  # static: positions per head/loss chunk (0: all)
         ),
-        in_shardings=(tr.shardings, batch_sharding(tr.mesh)),  # batch rows over data x fsdp
-        out_shardings=(tr.shardings, NamedSharding(tr.mesh, PartitionSpec())),  # metrics
+        in_shardings=(shardings, batch_sharding(mesh)),  # batch rows over data x fsdp
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),  # metrics
         donate_argnums=0,  # the old state's buffers become the new state's
+    )
+
+
+def eval_step_jit(model_cfg: ModelConfig, mesh: Any, shardings: TrainState, loss_chunk: int = 0):
+    """The jitted eval step: loss sums over a batch, params as the train state holds them;
+    `loss_chunk` as `train.loss_chunk`."""
+    graphdef, _ = model_graphdef(model_cfg)
+    return jax.jit(
+        partial(eval_step, graphdef=graphdef, loss_chunk=loss_chunk),
+        in_shardings=(shardings.params, batch_sharding(mesh)),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
     )
 
 
@@ -218,13 +248,11 @@ def compile_steps(tr: Trainer, first_batch: dict[str, jax.Array]) -> None:
       DoesNotFit: the compiled train step needs more memory than the devices have.
     """
     cfg = tr.cfg
-    graphdef, _ = model_graphdef(tr.model_cfg)
-    batch_sh = batch_sharding(tr.mesh)
-    replicated = NamedSharding(tr.mesh, PartitionSpec())
 
     def compiled_at(grad_accum: int):
         with use_mesh(tr.mesh, cfg.mesh.rules):
-            return _train_step_jit(tr, grad_accum).lower(tr.state, first_batch).compile()
+            step = train_step_jit(cfg, tr.model_cfg, tr.mesh, tr.shardings, grad_accum)
+            return step.lower(tr.state, first_batch).compile()
 
     start = time.perf_counter()
     compiled = compiled_at(cfg.train.grad_accum)
@@ -248,11 +276,7 @@ def compile_steps(tr: Trainer, first_batch: dict[str, jax.Array]) -> None:
         recompile=compiled_at,
     )
     tr.step_fn = compiled
-    tr.eval_fn = jax.jit(
-        partial(eval_step, graphdef=graphdef),
-        in_shardings=(tr.shardings.params, batch_sh),
-        out_shardings=replicated,
-    )
+    tr.eval_fn = eval_step_jit(tr.model_cfg, tr.mesh, tr.shardings, cfg.train.loss_chunk)
 
 
 def evaluate(tr: Trainer, guard: SignalGuard | None = None) -> dict[str, float]:
@@ -289,6 +313,8 @@ def _log_eval(tr: Trainer, step: int, guard: SignalGuard | None = None) -> dict[
             evals["eval/loss"],
             evals["eval/perplexity"],
         )
+    if tr.downstream is not None:  # train.evals: writes eval/<task>/acc and its own timing
+        evals = {**evals, **tr.downstream.evaluate(tr, step)}
     return evals
 
 
@@ -348,7 +374,7 @@ def check_steps(fetched: list[dict[str, Any]], first: int, t: TrainConfig, run: 
 
 
 def _save(tr: Trainer, step: int, config_dict: dict, evals: dict, force: bool) -> None:
-    ranked = {"eval/loss": evals["eval/loss"]} if evals else None
+    ranked = {"eval/loss": evals["eval/loss"]} if "eval/loss" in evals else None  # (train.evals)
     tr.checkpointer.save(
         step, tr.state, tr.pipeline.train.get_state(), config_dict, metrics=ranked, force=force
     )
