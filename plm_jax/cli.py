@@ -574,6 +574,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from plm_jax.tasks.predict import evaluate_task, load_task_run
 
         run = load_task_run(args.checkpoint)
+        if args.batch_size is not None:  # honoured: the task's batches are train.batch_size
+            train = dataclasses.replace(run.config.train, batch_size=args.batch_size)
+            run = dataclasses.replace(run, config=dataclasses.replace(run.config, train=train))
         result = evaluate_task(run, args.data)
         if args.json:
             print(json.dumps({**result, "step": run.step}))

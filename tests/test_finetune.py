@@ -89,7 +89,9 @@ def losses(run_dir):
 
 
 @pytest.mark.e2e
-def test_classification_learns_predicts_and_evaluates(tmp_path, tiny_run, sentiment, capsys):
+def test_classification_learns_predicts_and_evaluates(
+    tmp_path, tiny_run, sentiment, capsys, monkeypatch
+):
     cfg = ft_config(tmp_path, cls_args(sentiment), tiny_run, "train.steps=36")
     result = ft_mod.finetune(cfg, show_progress=False)
     assert result["eval/accuracy"] >= 0.9, result  # a decoder backbone, last-token pooling
@@ -104,6 +106,16 @@ def test_classification_learns_predicts_and_evaluates(tmp_path, tiny_run, sentim
     assert evaluated["step"] == best["step"]
     assert evaluated["eval/accuracy"] == pytest.approx(best["value"], abs=1e-6)
     assert evaluated["examples"] == 37
+    # --batch-size is honoured for a task run too (it was silently ignored); metrics keep.
+    import plm_jax.tasks.predict as predict_mod
+
+    seen, real = [], predict_mod.evaluate_task
+    spy = lambda run, data: seen.append(run.config.train.batch_size) or real(run, data)  # noqa: E731
+    monkeypatch.setattr(predict_mod, "evaluate_task", spy)
+    assert main(["eval", str(run), "--json", "--batch-size", "5"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert seen == [5] and again["examples"] == 37
+    assert again["eval/accuracy"] == pytest.approx(evaluated["eval/accuracy"], abs=1e-6)
     inputs = write_jsonl(tmp_path / "in.jsonl", [{"text": "great happy movie"}, {"text": "awful"}])
     out = tmp_path / "pred.jsonl"
     assert main(["predict", str(run), "--input", str(inputs), "--output", str(out)]) == 0

@@ -84,3 +84,14 @@ def test_fit_remat_takes_the_cheapest_policy_that_fits(tmp_path, capsys):
     tried = [line for line in out.splitlines() if line.strip().startswith("tried model.remat=")]
     assert tried[0].startswith("  tried model.remat=none") and "does not fit" in tried[0]
     assert ("fits" in tried[-1] and "does not" not in tried[-1]) == (code == 0)
+
+
+@pytest.mark.slow  # a minute or more of compiling
+def test_llama_3_8b_fits_a_v5p_32_at_2_x_4096_per_chip_with_full_remat(tmp_path):
+    args = ["model.preset=llama-3-8b", "model.use_scan_layers=true", "model.remat=full"]
+    args += ["model.max_seq_len=4096", "train.batch_size=32", "mesh.fsdp=16", "mesh.data=1"]
+    report = plan(cfg(tmp_path, *args, "model.num_layers=32"), topology="v5p-32")
+    assert report["model"]["parameters"] == 8_030_261_248
+    mem = report["memory_per_device"]
+    assert report["fits"] and mem["limit"] == 95 * 2**30
+    assert 8_030_261_248 * 4 / 16 <= mem["parameters"] <= 8_030_261_248 * 4 / 16 * 1.01
