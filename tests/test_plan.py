@@ -15,6 +15,7 @@ from plm_jax.errors import ConfigError
 from plm_jax.plan import format_plan, parse_topology, plan
 from plm_jax.plan.hlo import collectives
 from plm_jax.plan.planner import _fit_batch, plan_model
+from plm_jax.sharding import use_mesh
 from plm_jax.train import loop
 from tests.test_span_corruption import seq2seq_run  # noqa: F401  (a fixture)
 
@@ -135,13 +136,17 @@ def test_the_plan_compiles_the_program_pretrain_runs(tmp_path, small_corpus, sma
     report = plan(cfg)
     tr = loop.setup(cfg, show_progress=False)
     try:
-        loop.compile_steps(tr, loop.shard_batch(next(tr.pipeline.train), tr.mesh, 8))
+        first = loop.shard_batch(next(tr.pipeline.train), tr.mesh, 8)
+        loop.compile_steps(tr, first)
         memory = tr.step_fn.memory_analysis()
+        with use_mesh(tr.mesh, cfg.mesh.rules):  # as loop.evaluate runs it
+            evaluated = tr.eval_fn.lower(tr.state.params, first).compile().memory_analysis()
     finally:
         tr.checkpointer.close()
         tr.writer.close()
     mem = report["memory_per_device"]
     assert mem["temporaries"] == memory.temp_size_in_bytes
+    assert report["eval_step_per_device"]["temporaries"] == evaluated.temp_size_in_bytes
     assert mem["parameters"] + mem["optimizer_state"] + mem["other_state"] + mem["batch"] == (
         memory.argument_size_in_bytes
     )

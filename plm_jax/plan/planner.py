@@ -35,7 +35,7 @@ from plm_jax.plan.topology import chip_memory, hbm_bandwidth, topology_devices
 from plm_jax.sharding import batch_sharding, make_mesh, use_mesh
 from plm_jax.tokenizer import Tokenizer
 from plm_jax.train.init_from import resolve_init_from
-from plm_jax.train.loop import resolve_vocab, train_step_jit
+from plm_jax.train.loop import eval_step_jit, resolve_vocab, train_step_jit
 from plm_jax.train.memory import HEADROOM, memory_limit
 from plm_jax.train.optimizer import make_optimizer
 from plm_jax.train.state import sharded_abstract_state, state_shardings
@@ -102,6 +102,16 @@ def _compile(cfg: Config, model: ModelConfig, devices: list) -> dict[str, Any]:
                 raise
             compiled, refused = None, str(e).splitlines()[0]
         seconds = time.perf_counter() - start
+        eval_temp = None
+        if compiled is not None:  # the eval step runs beside the whole train state
+            evaluate = eval_step_jit(model, mesh, shardings, cfg.train.loss_chunk)
+            try:
+                analysis = evaluate.lower(state.params, batch).compile().memory_analysis()
+                eval_temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                refused = "the eval step: " + str(e).splitlines()[0]
     arguments = {
         "params": _tree_bytes(state.params),
         "optimizer": _tree_bytes(state.opt_state),
@@ -123,6 +133,7 @@ def _compile(cfg: Config, model: ModelConfig, devices: list) -> dict[str, Any]:
         "cost": cost,
         "hlo": hlo,
         "refused": refused,
+        "eval_temp": eval_temp,
         **arguments,
     }
 
@@ -231,6 +242,11 @@ def _report(cfg: Config, model: ModelConfig, devices: list, built: dict[str, Any
         "roofline": roofline,
         "compile_seconds": built["seconds"],
     }
+    if built["eval_temp"] is not None:
+        state_bytes = built["params"] + built["optimizer"] + built["other_state"]
+        eval_total = state_bytes + built["batch"] + built["eval_temp"]
+        report["eval_step_per_device"] = {"temporaries": built["eval_temp"], "total": eval_total}
+        need = max(need, eval_total)
     headroom = None if limit is None else int(HEADROOM * limit[0]) - need
     report["memory_per_device"]["headroom"] = headroom
     report["fits"] = None if headroom is None else headroom >= 0

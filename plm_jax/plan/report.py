@@ -35,6 +35,12 @@ def format_plan(report: dict[str, Any]) -> str:
         f"batch {_gib(mem['batch'])}, temporaries {_gib(mem['temporaries'])}, "
         f"new outputs {_gib(mem['outputs_not_aliased'])}; total {_gib(mem['total'])}",
     ]
+    if "eval_step_per_device" in report:
+        ev = report["eval_step_per_device"]
+        lines.append(
+            f"eval step beside the train state: temporaries {_gib(ev['temporaries'])}, "
+            f"total {_gib(ev['total'])}"
+        )
     if "compiler_refused" in report:
         lines.append(f"the compiler refused the program: {report['compiler_refused']}")
     if mem["limit"] is None:
